@@ -1,0 +1,25 @@
+"""The BiomedGPT (OFA-architecture) model: config, backbone, position biases, attention, layers, generation."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+
+from biomedgpt.model.config import MODEL_SIZES, PUBLISHED_PARAMETER_COUNTS, BiomedGPTConfig
+from biomedgpt.model.modeling import (
+    BiomedGPTEncoderOutput,
+    BiomedGPTForConditionalGeneration,
+    BiomedGPTPreTrainedModel,
+    count_trainable_parameters,
+)
+
+AutoConfig.register(BiomedGPTConfig.model_type, BiomedGPTConfig, exist_ok=True)
+AutoModel.register(BiomedGPTConfig, BiomedGPTForConditionalGeneration, exist_ok=True)
+AutoModelForSeq2SeqLM.register(BiomedGPTConfig, BiomedGPTForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "MODEL_SIZES",
+    "PUBLISHED_PARAMETER_COUNTS",
+    "BiomedGPTConfig",
+    "BiomedGPTEncoderOutput",
+    "BiomedGPTForConditionalGeneration",
+    "BiomedGPTPreTrainedModel",
+    "count_trainable_parameters",
+]

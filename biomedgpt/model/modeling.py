@@ -1,0 +1,517 @@
+"""The BiomedGPT encoder-decoder (OFA architecture, spec 1.3-1.5) as a transformers model.
+
+Module and parameter names follow the original fairseq checkpoint layout (spec 7.2), so importing released
+weights is a rename of a few keys. Tensors are batch-first ([B, T, C]); the original works in [T, B, C],
+which changes no weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import Seq2SeqLMOutput
+from transformers.utils import ModelOutput
+
+from biomedgpt.model.attention import BiomedGPTAttention
+from biomedgpt.model.config import BiomedGPTConfig
+from biomedgpt.model.layers import DecoderLayer, EncoderLayer, layer_norm
+from biomedgpt.model.positions import (
+    decoder_image_position_ids,
+    image_position_ids,
+    image_relative_bucket_count,
+    image_relative_buckets,
+    text_relative_buckets,
+)
+from biomedgpt.model.resnet import FrozenBatchNorm2d, ResNetBackbone
+
+# One decoder layer's cache: self-attention keys, values, then the encoder's projected keys, values.
+LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+DecoderCache = tuple[LayerCache, ...]
+
+
+@dataclass
+class BiomedGPTEncoderOutput(ModelOutput):
+    """Encoder states plus what the decoder needs besides them.
+
+    padding_mask: [B, S] True where a position is padding (text pads, patches of samples without an image).
+    position_embeddings: [B, S, d] LayerNormed absolute position embeddings, the keys of the cross-attention
+    position bias.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    padding_mask: torch.Tensor | None = None
+    position_embeddings: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def _heads_first(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[..., T, d] -> [..., H, T, d/H]."""
+    *lead, length, dim = x.shape
+    return x.view(*lead, length, num_heads, dim // num_heads).transpose(-2, -3)
+
+
+def _position_bias(q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   num_heads: int, scaling: float) -> torch.Tensor:
+    """Decoupled absolute-position attention bias: (q_linear(Pq) * s) @ k_linear(Pk)^T per head."""
+    query = _heads_first(q_linear(q_pos), num_heads) * scaling
+    key = _heads_first(k_linear(k_pos), num_heads)
+    return torch.matmul(query, key.transpose(-1, -2))
+
+
+def _negative_infinity_where(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+class BiomedGPTEncoder(nn.Module):
+    """ResNet patches + text tokens -> contextual states; image tokens come first."""
+
+    def __init__(self, config: BiomedGPTConfig, embed_tokens: nn.Embedding) -> None:
+        super().__init__()
+        dim, eps, heads = config.d_model, config.layer_norm_eps, config.encoder_attention_heads
+        self.num_heads = heads
+        self.grid_size = config.image_bucket_size
+        self.pad_token_id = config.pad_token_id
+        self.pos_scaling = (dim // heads * config.attn_scale_factor) ** -0.5
+        self.embed_tokens = embed_tokens
+        self.type_embedding = nn.Embedding(2, dim)
+        self.layernorm_embedding = layer_norm(dim, eps)
+        self.embed_images = ResNetBackbone(config.resnet_layers, config.resnet_norm, config.resnet_drop_path_rate)
+        self.image_proj = nn.Linear(config.image_feature_dim, dim)
+        self.patch_layernorm_embedding = layer_norm(dim, eps)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, dim)
+        self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, dim)
+        self.pos_ln = layer_norm(dim, eps)
+        self.image_pos_ln = layer_norm(dim, eps)
+        self.pos_q_linear = nn.Linear(dim, dim)
+        self.pos_k_linear = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(config.dropout)
+        rates = torch.linspace(0, config.encoder_drop_path_rate, config.encoder_layers, device="cpu").tolist()
+        self.layers = nn.ModuleList(EncoderLayer(config, rate) for rate in rates)
+        self.layer_norm = layer_norm(dim, eps)
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * config.token_bucket_size - 1, heads) for _ in range(config.encoder_layers)
+        )
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(image_relative_bucket_count(config.image_bucket_size), heads)
+            for _ in range(config.encoder_layers)
+        )
+        # Not learned: rebuilt rather than saved (the original saved them; importers drop those keys).
+        self.register_buffer(
+            "token_rp_bucket",
+            text_relative_buckets(config.token_bucket_size, config.max_position_embeddings),
+            persistent=False,
+        )
+        self.register_buffer("image_rp_bucket", image_relative_buckets(config.image_bucket_size), persistent=False)
+
+    def embed_image(
+        self,
+        patch_images: torch.Tensor,
+        patch_masks: torch.Tensor | None,
+        sample_patch_num: int | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns patch embeddings [B,P,d], their padding mask [B,P] and position ids [B,P]."""
+        features = self.embed_images(patch_images)
+        batch, _, height, width = features.shape
+        features = features.flatten(2).transpose(1, 2)
+        position_ids = image_position_ids(height, width, self.grid_size, features.device).expand(batch, -1)
+        if sample_patch_num is not None and 0 < sample_patch_num < height * width:
+            # Pretraining keeps a random subset of patches, drawn independently per sample (spec 1.3).
+            scores = torch.rand(batch, height * width, generator=generator, device="cpu").to(features.device)
+            keep = scores.argsort(dim=1)[:, :sample_patch_num].sort(dim=1).values
+            features = features.gather(1, keep[..., None].expand(-1, -1, features.shape[-1]))
+            position_ids = position_ids.gather(1, keep)
+        padding = torch.zeros(position_ids.shape, dtype=torch.bool, device=features.device)
+        if patch_masks is not None:
+            padding = padding | ~patch_masks.bool()[:, None]
+        embeddings = self.image_proj(features) + self.type_embedding.weight[1]
+        embeddings = self.dropout(self.patch_layernorm_embedding(embeddings))
+        return embeddings, padding, position_ids
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        patch_images: torch.Tensor | None = None,
+        patch_masks: torch.Tensor | None = None,
+        sample_patch_num: int | None = None,
+        generator: torch.Generator | None = None,
+        output_hidden_states: bool = False,
+    ) -> BiomedGPTEncoderOutput:
+        batch, text_len = input_ids.shape
+        if attention_mask is None:
+            text_padding = input_ids.eq(self.pad_token_id)
+        else:
+            text_padding = ~attention_mask.bool()
+        text = self.embed_tokens(input_ids) + self.type_embedding.weight[0]
+        text = self.dropout(self.layernorm_embedding(text))
+        text_positions = self.pos_ln(self.embed_positions.weight[:text_len]).expand(batch, -1, -1)
+
+        image_len = 0
+        if patch_images is not None:
+            image, image_padding, image_ids = self.embed_image(patch_images, patch_masks, sample_patch_num, generator)
+            image_len = image.shape[1]
+            x = torch.cat([image, text], dim=1)
+            padding_mask = torch.cat([image_padding, text_padding], dim=1)
+            positions = torch.cat([self.image_pos_ln(self.embed_image_positions(image_ids)), text_positions], dim=1)
+        else:
+            x, padding_mask, positions = text, text_padding, text_positions
+        x = x * (~padding_mask)[..., None].to(x.dtype)
+
+        # Absolute-position bias and the key padding mask are shared by every layer.
+        shared_bias = _position_bias(
+            self.pos_q_linear, self.pos_k_linear, positions, positions, self.num_heads, self.pos_scaling
+        )
+        shared_bias = shared_bias + _negative_infinity_where(padding_mask[:, None, None, :], shared_bias.dtype)
+        text_buckets = self.token_rp_bucket[:text_len, :text_len]
+        image_buckets = None
+        if image_len:
+            image_buckets = self.image_rp_bucket[image_ids[:, :, None], image_ids[:, None, :]]
+
+        hidden_states: list[torch.Tensor] = []
+        for index, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(x)
+            bias = shared_bias.clone()
+            text_rel = self.token_rel_pos_table_list[index](text_buckets).permute(2, 0, 1)
+            bias[:, :, image_len:, image_len:] += text_rel.to(bias.dtype)
+            if image_buckets is not None:
+                image_rel = self.image_rel_pos_table_list[index](image_buckets).permute(0, 3, 1, 2)
+                bias[:, :, :image_len, :image_len] += image_rel.to(bias.dtype)
+            x = layer(x, bias)
+        x = self.layer_norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return BiomedGPTEncoderOutput(
+            last_hidden_state=x,
+            padding_mask=padding_mask,
+            position_embeddings=positions,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+
+
+class BiomedGPTDecoder(nn.Module):
+    """Autoregressive decoder over text tokens or VQ image codes (``code_masks``), tied output projection."""
+
+    def __init__(self, config: BiomedGPTConfig, embed_tokens: nn.Embedding) -> None:
+        super().__init__()
+        dim, eps, heads = config.d_model, config.layer_norm_eps, config.decoder_attention_heads
+        self.num_heads = heads
+        self.pad_token_id = config.pad_token_id
+        self.pos_scaling = (dim // heads * config.attn_scale_factor) ** -0.5
+        self.max_target_positions = config.max_position_embeddings
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = layer_norm(dim, eps)
+        self.code_layernorm_embedding = layer_norm(dim, eps)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, dim)
+        self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, dim)
+        self.pos_ln = layer_norm(dim, eps)
+        self.image_pos_ln = layer_norm(dim, eps)
+        self.self_pos_q_linear = nn.Linear(dim, dim)
+        self.self_pos_k_linear = nn.Linear(dim, dim)
+        self.cross_pos_q_linear = nn.Linear(dim, dim)
+        self.cross_pos_k_linear = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(config.dropout)
+        rates = torch.linspace(0, config.decoder_drop_path_rate, config.decoder_layers, device="cpu").tolist()
+        self.layers = nn.ModuleList(DecoderLayer(config, rate) for rate in rates)
+        self.layer_norm = layer_norm(dim, eps)
+        self.output_projection = nn.Linear(dim, config.vocab_size, bias=False)
+        self.output_projection.weight = embed_tokens.weight
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * config.token_bucket_size - 1, heads) for _ in range(config.decoder_layers)
+        )
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(image_relative_bucket_count(config.image_bucket_size), heads)
+            for _ in range(config.decoder_layers)
+        )
+        self.register_buffer(
+            "token_rp_bucket",
+            text_relative_buckets(config.token_bucket_size, config.max_position_embeddings),
+            persistent=False,
+        )
+        self.register_buffer("image_rp_bucket", image_relative_buckets(config.image_bucket_size), persistent=False)
+        self.register_buffer(
+            "image_position_idx",
+            decoder_image_position_ids(
+                config.code_grid_size, config.image_bucket_size, config.max_position_embeddings
+            ),
+            persistent=False,
+        )
+
+    def _target_positions(self, steps: torch.Tensor, code_rows: torch.Tensor | None) -> torch.Tensor:
+        """LayerNormed position embeddings [B or 1, T, d] of decoder steps; image positions for code rows."""
+        text = self.pos_ln(self.embed_positions(steps))[None]
+        if code_rows is None:
+            return text
+        image = self.image_pos_ln(self.embed_image_positions(self.image_position_idx[steps]))[None]
+        return torch.where(code_rows[:, None, None], image, text)
+
+    def _self_relative_bias(self, index: int, q_steps: torch.Tensor, k_steps: torch.Tensor,
+                            code_rows: torch.Tensor | None) -> torch.Tensor:
+        text = self.token_rel_pos_table_list[index](self.token_rp_bucket[q_steps[:, None], k_steps[None, :]])
+        text = text.permute(2, 0, 1)[None]
+        if code_rows is None:
+            return text
+        q_ids, k_ids = self.image_position_idx[q_steps], self.image_position_idx[k_steps]
+        image = self.image_rel_pos_table_list[index](self.image_rp_bucket[q_ids[:, None], k_ids[None, :]])
+        return torch.where(code_rows[:, None, None, None], image.permute(2, 0, 1)[None], text)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        encoder_outputs: BiomedGPTEncoderOutput,
+        past_key_values: DecoderCache | None = None,
+        use_cache: bool = False,
+        code_masks: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, DecoderCache | None, tuple[torch.Tensor, ...] | None]:
+        """input_ids [B,T]: the whole prefix, or only the new steps when ``past_key_values`` is given.
+
+        Returns logits [B,T,V], the updated cache and optionally the hidden states.
+        """
+        batch, new_len = input_ids.shape
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        total_len = past_len + new_len
+        if total_len > self.max_target_positions:
+            raise ValueError(
+                f"decoder length {total_len} exceeds max_position_embeddings={self.max_target_positions}"
+            )
+        device = input_ids.device
+        code_rows = None
+        if code_masks is not None and bool(code_masks.any()):
+            code_rows = code_masks.bool().to(device)
+        all_steps = torch.arange(total_len, device=device)
+        new_steps = all_steps[past_len:]
+
+        positions = self._target_positions(all_steps, code_rows)
+        self_bias = _position_bias(
+            self.self_pos_q_linear, self.self_pos_k_linear, positions[:, past_len:], positions,
+            self.num_heads, self.pos_scaling,
+        )
+        future = new_steps[:, None] < all_steps[None, :]
+        masks = future[None, None]
+        if attention_mask is not None:
+            masks = masks | ~attention_mask.bool()[:, None, None, -total_len:]
+        elif past_key_values is None and bool(input_ids.eq(self.pad_token_id).any()):
+            masks = masks | input_ids.eq(self.pad_token_id)[:, None, None, :]
+        self_bias = self_bias + _negative_infinity_where(masks, self_bias.dtype)
+
+        encoder_states = encoder_outputs.last_hidden_state
+        cross_bias = _position_bias(
+            self.cross_pos_q_linear, self.cross_pos_k_linear, positions[:, past_len:],
+            encoder_outputs.position_embeddings, self.num_heads, self.pos_scaling,
+        )
+        cross_bias = cross_bias + _negative_infinity_where(
+            encoder_outputs.padding_mask[:, None, None, :], cross_bias.dtype
+        )
+
+        x = self.embed_tokens(input_ids)
+        text_x = self.layernorm_embedding(x)
+        if code_rows is not None:
+            text_x = torch.where(code_rows[:, None, None], self.code_layernorm_embedding(x), text_x)
+        x = self.dropout(text_x)
+
+        hidden_states: list[torch.Tensor] = []
+        presents: list[LayerCache] = []
+        for index, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(x)
+            bias = self_bias + self._self_relative_bias(index, new_steps, all_steps, code_rows).to(self_bias.dtype)
+            past = None if past_key_values is None else past_key_values[index]
+            x, present = layer(x, bias, encoder_states, cross_bias, past_key_value=past, use_cache=use_cache)
+            if use_cache:
+                presents.append(present)  # type: ignore[arg-type]
+        x = self.layer_norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        logits = self.output_projection(x)
+        return logits, (tuple(presents) if use_cache else None), (tuple(hidden_states) or None)
+
+
+class BiomedGPTPreTrainedModel(PreTrainedModel):
+    config_class = BiomedGPTConfig
+    base_model_prefix = "biomedgpt"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["EncoderLayer", "DecoderLayer"]
+    _keys_to_ignore_on_load_unexpected = [r".*\.version$", r".*_rp_bucket$", r".*image_position_idx$"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The original's init_bert_params (Linear/Embedding ~ N(0, 0.02)), kaiming convs, unit norms."""
+        std = self.config.init_std
+        embedding = getattr(getattr(self, "encoder", None), "embed_tokens", None)
+        if isinstance(module, nn.Linear):
+            if embedding is not None and module.weight is embedding.weight:
+                return  # the tied output projection is the embedding, initialised as such
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm)) or (
+            hasattr(module, "weight") and type(module).__name__ == "FusedLayerNorm"
+        ):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        elif isinstance(module, FrozenBatchNorm2d):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+            module.running_mean.zero_()
+            module.running_var.fill_(1.0)
+        elif isinstance(module, BiomedGPTAttention) and module.c_attn is not None:
+            module.c_attn.data.fill_(1.0)
+
+
+class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
+    """BiomedGPT: image + text in, text (or image codes, or location bins) out.
+
+    ``forward`` takes the argument names of the transformers OFA port and returns a ``Seq2SeqLMOutput``.
+    """
+
+    _tied_weights_keys = ["decoder.embed_tokens.weight", "decoder.output_projection.weight"]
+
+    def __init__(self, config: BiomedGPTConfig) -> None:
+        super().__init__(config)
+        # One matrix for encoder input, decoder input and output projection (a single Parameter).
+        shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.encoder = BiomedGPTEncoder(config, shared)
+        self.decoder = BiomedGPTDecoder(config, shared)
+        self.post_init()
+
+    # transformers embedding hooks (tying, resizing)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.encoder.embed_tokens = value
+        self.decoder.embed_tokens = value
+        self.decoder.output_projection.weight = value.weight
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder.output_projection
+
+    def get_encoder(self) -> BiomedGPTEncoder:
+        return self.encoder
+
+    def get_decoder(self) -> BiomedGPTDecoder:
+        return self.decoder
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every attention between ``sdpa`` and ``reference`` (same weights, same results)."""
+        self.config.attention_backend = backend
+        self.config.validate()
+        for module in self.modules():
+            if isinstance(module, BiomedGPTAttention):
+                module.backend = backend
+
+    def set_embedding_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze the shared embedding (and with it the tied output projection)."""
+        self.encoder.embed_tokens.weight.requires_grad_(trainable)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        patch_images: torch.Tensor | None = None,
+        patch_masks: torch.Tensor | None = None,
+        sample_patch_num: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> BiomedGPTEncoderOutput:
+        return self.encoder(input_ids, attention_mask, patch_images, patch_masks, sample_patch_num, generator)
+
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_outputs: BiomedGPTEncoderOutput,
+        past_key_values: DecoderCache | None = None,
+        use_cache: bool = False,
+        code_masks: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, DecoderCache | None]:
+        """Logits [B,T,V] of the given decoder steps and the updated cache."""
+        logits, cache, _ = self.decoder(
+            decoder_input_ids, encoder_outputs, past_key_values, use_cache, code_masks, decoder_attention_mask
+        )
+        return logits, cache
+
+    @staticmethod
+    def reorder_encoder_outputs(encoder_outputs: BiomedGPTEncoderOutput, index: torch.Tensor) -> BiomedGPTEncoderOutput:
+        """Select/repeat batch rows (beam search)."""
+        return BiomedGPTEncoderOutput(
+            last_hidden_state=encoder_outputs.last_hidden_state.index_select(0, index),
+            padding_mask=encoder_outputs.padding_mask.index_select(0, index),
+            position_embeddings=encoder_outputs.position_embeddings.index_select(0, index),
+        )
+
+    @staticmethod
+    def reorder_cache(past_key_values: DecoderCache, index: torch.Tensor) -> DecoderCache:
+        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in past_key_values)  # type: ignore
+
+    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        shifted[:, 0] = self.config.decoder_start_token_id
+        return shifted.masked_fill(shifted.eq(-100), self.config.pad_token_id)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        patch_images: torch.Tensor | None = None,
+        patch_masks: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        code_masks: torch.Tensor | None = None,
+        encoder_outputs: BiomedGPTEncoderOutput | None = None,
+        past_key_values: DecoderCache | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        sample_patch_num: int | None = None,
+    ) -> Seq2SeqLMOutput:
+        """``labels`` [B,T] (pad or -100 ignored) give a token-mean cross entropy; training code applies its own
+        label smoothing and weighting on the logits."""
+        output_hidden_states = bool(output_hidden_states)
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids (or precomputed encoder_outputs)")
+            encoder_outputs = self.encoder(
+                input_ids, attention_mask, patch_images, patch_masks, sample_patch_num,
+                output_hidden_states=output_hidden_states,
+            )
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("forward needs decoder_input_ids or labels")
+            decoder_input_ids = self._shift_right(labels)
+        use_cache = bool(use_cache) if use_cache is not None else False
+        logits, cache, decoder_states = self.decoder(
+            decoder_input_ids, encoder_outputs, past_key_values, use_cache, code_masks, decoder_attention_mask,
+            output_hidden_states,
+        )
+        loss = None
+        if labels is not None:
+            targets = labels.masked_fill(labels.eq(self.config.pad_token_id), -100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,
+            decoder_hidden_states=decoder_states,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+        )
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    """Distinct trainable parameters (the tied embedding counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
