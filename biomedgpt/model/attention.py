@@ -17,7 +17,11 @@ KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 
 def reference_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
     dropout_p: float,
 ) -> torch.Tensor:
     """[B,H,Tq,hd] x [B,H,Tk,hd] -> [B,H,Tq,hd] with logits (q*scale)@k^T + bias, softmax in fp32."""
@@ -31,7 +35,11 @@ def reference_attention(
 
 
 def sdpa_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
     dropout_p: float,
 ) -> torch.Tensor:
     mask = None if bias is None else bias.to(query.dtype)

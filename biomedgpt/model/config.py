@@ -18,12 +18,8 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(encoder_layers=4, decoder_layers=4, d_model=256, ffn_dim=1024, heads=4, resnet_type="resnet50"),
     "medium": dict(encoder_layers=4, decoder_layers=4, d_model=512, ffn_dim=2048, heads=8, resnet_type="resnet101"),
     "base": dict(encoder_layers=6, decoder_layers=6, d_model=768, ffn_dim=3072, heads=12, resnet_type="resnet101"),
-    "large": dict(
-        encoder_layers=12, decoder_layers=12, d_model=1024, ffn_dim=4096, heads=16, resnet_type="resnet152"
-    ),
-    "xlarge": dict(
-        encoder_layers=24, decoder_layers=12, d_model=1280, ffn_dim=5120, heads=16, resnet_type="resnet152"
-    ),
+    "large": dict(encoder_layers=12, decoder_layers=12, d_model=1024, ffn_dim=4096, heads=16, resnet_type="resnet152"),
+    "xlarge": dict(encoder_layers=24, decoder_layers=12, d_model=1280, ffn_dim=5120, heads=16, resnet_type="resnet152"),
 }
 
 # Trainable parameter counts with the 59,457-token vocabulary (OFA model card / spec section 2).
@@ -152,9 +148,7 @@ class BiomedGPTConfig(PretrainedConfig):
         if self.resnet_norm not in RESNET_NORMS:
             raise ValueError(f"resnet_norm={self.resnet_norm!r}; choose one of {list(RESNET_NORMS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend={self.attention_backend!r}; choose one of {list(ATTENTION_BACKENDS)}"
-            )
+            raise ValueError(f"attention_backend={self.attention_backend!r}; choose one of {list(ATTENTION_BACKENDS)}")
         for key in (
             "dropout",
             "attention_dropout",

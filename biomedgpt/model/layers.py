@@ -75,8 +75,12 @@ class _PreNormLayer(nn.Module):
     @staticmethod
     def make_attention(config, heads: int) -> BiomedGPTAttention:  # noqa: ANN001
         return BiomedGPTAttention(
-            config.d_model, heads, config.attention_dropout, config.attn_scale_factor,
-            scale_heads=config.normformer, backend=config.attention_backend,
+            config.d_model,
+            heads,
+            config.attention_dropout,
+            config.attn_scale_factor,
+            scale_heads=config.normformer,
+            backend=config.attention_backend,
         )
 
     def feed_forward_block(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +134,11 @@ class DecoderLayer(_PreNormLayer):
         x = x + self.drop_path(self.dropout(h))
 
         h, cross_present = self.encoder_attn(
-            self.encoder_attn_layer_norm(x), key_value_states=encoder_hidden_states, attn_bias=cross_attn_bias,
-            past_key_value=cross_past, use_cache=use_cache,
+            self.encoder_attn_layer_norm(x),
+            key_value_states=encoder_hidden_states,
+            attn_bias=cross_attn_bias,
+            past_key_value=cross_past,
+            use_cache=use_cache,
         )
         if self.cross_attn_ln is not None:
             h = self.cross_attn_ln(h)

@@ -54,8 +54,9 @@ def _heads_first(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(*lead, length, num_heads, dim // num_heads).transpose(-2, -3)
 
 
-def _position_bias(q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   num_heads: int, scaling: float) -> torch.Tensor:
+def _position_bias(
+    q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int, scaling: float
+) -> torch.Tensor:
     """Decoupled absolute-position attention bias: (q_linear(Pq) * s) @ k_linear(Pk)^T per head."""
     query = _heads_first(q_linear(q_pos), num_heads) * scaling
     key = _heads_first(k_linear(k_pos), num_heads)
@@ -143,10 +144,7 @@ class BiomedGPTEncoder(nn.Module):
         output_hidden_states: bool = False,
     ) -> BiomedGPTEncoderOutput:
         batch, text_len = input_ids.shape
-        if attention_mask is None:
-            text_padding = input_ids.eq(self.pad_token_id)
-        else:
-            text_padding = ~attention_mask.bool()
+        text_padding = input_ids.eq(self.pad_token_id) if attention_mask is None else ~attention_mask.bool()
         text = self.embed_tokens(input_ids) + self.type_embedding.weight[0]
         text = self.dropout(self.layernorm_embedding(text))
         text_positions = self.pos_ln(self.embed_positions.weight[:text_len]).expand(batch, -1, -1)
@@ -236,9 +234,7 @@ class BiomedGPTDecoder(nn.Module):
         self.register_buffer("image_rp_bucket", image_relative_buckets(config.image_bucket_size), persistent=False)
         self.register_buffer(
             "image_position_idx",
-            decoder_image_position_ids(
-                config.code_grid_size, config.image_bucket_size, config.max_position_embeddings
-            ),
+            decoder_image_position_ids(config.code_grid_size, config.image_bucket_size, config.max_position_embeddings),
             persistent=False,
         )
 
@@ -250,8 +246,9 @@ class BiomedGPTDecoder(nn.Module):
         image = self.image_pos_ln(self.embed_image_positions(self.image_position_idx[steps]))[None]
         return torch.where(code_rows[:, None, None], image, text)
 
-    def _self_relative_bias(self, index: int, q_steps: torch.Tensor, k_steps: torch.Tensor,
-                            code_rows: torch.Tensor | None) -> torch.Tensor:
+    def _self_relative_bias(
+        self, index: int, q_steps: torch.Tensor, k_steps: torch.Tensor, code_rows: torch.Tensor | None
+    ) -> torch.Tensor:
         text = self.token_rel_pos_table_list[index](self.token_rp_bucket[q_steps[:, None], k_steps[None, :]])
         text = text.permute(2, 0, 1)[None]
         if code_rows is None:
@@ -278,9 +275,7 @@ class BiomedGPTDecoder(nn.Module):
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         total_len = past_len + new_len
         if total_len > self.max_target_positions:
-            raise ValueError(
-                f"decoder length {total_len} exceeds max_position_embeddings={self.max_target_positions}"
-            )
+            raise ValueError(f"decoder length {total_len} exceeds max_position_embeddings={self.max_target_positions}")
         device = input_ids.device
         code_rows = None
         if code_masks is not None and bool(code_masks.any()):
@@ -290,8 +285,12 @@ class BiomedGPTDecoder(nn.Module):
 
         positions = self._target_positions(all_steps, code_rows)
         self_bias = _position_bias(
-            self.self_pos_q_linear, self.self_pos_k_linear, positions[:, past_len:], positions,
-            self.num_heads, self.pos_scaling,
+            self.self_pos_q_linear,
+            self.self_pos_k_linear,
+            positions[:, past_len:],
+            positions,
+            self.num_heads,
+            self.pos_scaling,
         )
         future = new_steps[:, None] < all_steps[None, :]
         masks = future[None, None]
@@ -303,8 +302,12 @@ class BiomedGPTDecoder(nn.Module):
 
         encoder_states = encoder_outputs.last_hidden_state
         cross_bias = _position_bias(
-            self.cross_pos_q_linear, self.cross_pos_k_linear, positions[:, past_len:],
-            encoder_outputs.position_embeddings, self.num_heads, self.pos_scaling,
+            self.cross_pos_q_linear,
+            self.cross_pos_k_linear,
+            positions[:, past_len:],
+            encoder_outputs.position_embeddings,
+            self.num_heads,
+            self.pos_scaling,
         )
         cross_bias = cross_bias + _negative_infinity_where(
             encoder_outputs.padding_mask[:, None, None, :], cross_bias.dtype
@@ -486,7 +489,11 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
             if input_ids is None:
                 raise ValueError("forward needs input_ids (or precomputed encoder_outputs)")
             encoder_outputs = self.encoder(
-                input_ids, attention_mask, patch_images, patch_masks, sample_patch_num,
+                input_ids,
+                attention_mask,
+                patch_images,
+                patch_masks,
+                sample_patch_num,
                 output_hidden_states=output_hidden_states,
             )
         if decoder_input_ids is None:
@@ -495,7 +502,12 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
             decoder_input_ids = self._shift_right(labels)
         use_cache = bool(use_cache) if use_cache is not None else False
         logits, cache, decoder_states = self.decoder(
-            decoder_input_ids, encoder_outputs, past_key_values, use_cache, code_masks, decoder_attention_mask,
+            decoder_input_ids,
+            encoder_outputs,
+            past_key_values,
+            use_cache,
+            code_masks,
+            decoder_attention_mask,
             output_hidden_states,
         )
         loss = None
