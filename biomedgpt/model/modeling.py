@@ -7,6 +7,7 @@ which changes no weight.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -336,6 +337,17 @@ class BiomedGPTDecoder(nn.Module):
         return logits, (tuple(presents) if use_cache else None), (tuple(hidden_states) or None)
 
 
+def _full_parameters(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Gather a module's own ZeRO-3-partitioned parameters (built under ``deepspeed.zero.Init``) so they can be
+    initialised in place; rank 0's values are then broadcast, so every rank starts from the same weights."""
+    partitioned = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+
+
 class BiomedGPTPreTrainedModel(PreTrainedModel):
     config_class = BiomedGPTConfig
     base_model_prefix = "biomedgpt"
@@ -346,6 +358,10 @@ class BiomedGPTPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """The original's init_bert_params (Linear/Embedding ~ N(0, 0.02)), kaiming convs, unit norms."""
+        with _full_parameters(module):
+            self._init_module(module)
+
+    def _init_module(self, module: nn.Module) -> None:
         std = self.config.init_std
         embedding = getattr(getattr(self, "encoder", None), "embed_tokens", None)
         if isinstance(module, nn.Linear):
