@@ -14,6 +14,8 @@ _PUBLIC = {
     "BiomedGPTConfig": "biomedgpt.model",
     "BiomedGPTForConditionalGeneration": "biomedgpt.model",
     "BiomedGPTTokenizer": "biomedgpt.tokenizer",
+    "DecodingConfig": "biomedgpt.model",
+    "Trie": "biomedgpt.model",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

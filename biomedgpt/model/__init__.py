@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from biomedgpt.model.config import MODEL_SIZES, PUBLISHED_PARAMETER_COUNTS, BiomedGPTConfig
+from biomedgpt.model.generation import DecodingConfig, Hypothesis, Trie, generate, score_candidates
 from biomedgpt.model.modeling import (
     BiomedGPTEncoderOutput,
     BiomedGPTForConditionalGeneration,
@@ -21,5 +22,10 @@ __all__ = [
     "BiomedGPTEncoderOutput",
     "BiomedGPTForConditionalGeneration",
     "BiomedGPTPreTrainedModel",
+    "DecodingConfig",
+    "Hypothesis",
+    "Trie",
     "count_trainable_parameters",
+    "generate",
+    "score_candidates",
 ]

@@ -85,6 +85,7 @@ class BiomedGPTConfig(PretrainedConfig):
         pad_token_id: int = 1,
         bos_token_id: int = 0,
         eos_token_id: int = 2,
+        unk_token_id: int = 3,
         decoder_start_token_id: int = 0,
         forced_eos_token_id: int = 2,
         is_encoder_decoder: bool = True,
@@ -120,6 +121,7 @@ class BiomedGPTConfig(PretrainedConfig):
         self.init_std = init_std
         self.attention_backend = attention_backend
         self.use_cache = use_cache
+        self.unk_token_id = unk_token_id
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

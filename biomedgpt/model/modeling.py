@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -474,6 +475,16 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
     @staticmethod
     def reorder_cache(past_key_values: DecoderCache, index: torch.Tensor) -> DecoderCache:
         return tuple(tuple(t.index_select(0, index) for t in layer) for layer in past_key_values)  # type: ignore
+
+    def generate(self, input_ids: torch.Tensor, decoding: Any = None, **kwargs: Any) -> list:  # type: ignore[override]
+        """Beam search / greedy with fairseq semantics (``biomedgpt.model.generation.generate``).
+
+        Replaces transformers' generation, which knows nothing of this model's cache or position biases.
+        ``decoding`` is a ``DecodingConfig``; other keyword arguments are those of ``generation.generate``.
+        """
+        from biomedgpt.model.generation import generate
+
+        return generate(self, input_ids, config=decoding, **kwargs)
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         shifted = labels.new_full(labels.shape, self.config.pad_token_id)
