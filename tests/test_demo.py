@@ -1,0 +1,16 @@
+from rich.console import Console
+
+from biomedgpt import BiomedGPTForConditionalGeneration
+from biomedgpt.demo import run_demo
+from biomedgpt.tokenizer import BiomedGPTTokenizer
+
+
+def test_demo_writes_a_loadable_model_and_tokenizer(tmp_path):
+    console = Console(record=True, width=200)
+    model_dir = run_demo(tmp_path, console)
+    output = console.export_text()
+    assert "CT_small.dcm" in output and "MR_small.dcm" in output
+    assert "identical logits" in output
+    model = BiomedGPTForConditionalGeneration.from_pretrained(model_dir)
+    tokenizer = BiomedGPTTokenizer.from_pretrained(model_dir)
+    assert model.config.vocab_size == len(tokenizer)
