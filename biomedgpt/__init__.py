@@ -15,7 +15,7 @@ _PUBLIC = {
     "BiomedGPTForConditionalGeneration": "biomedgpt.model",
     "BiomedGPTTokenizer": "biomedgpt.tokenizer",
     "DecodingConfig": "biomedgpt.model",
-    "Trie": "biomedgpt.model",
+    "Trie": "biomedgpt.trie",
 }
 
 __all__ = [*_PUBLIC, "__version__"]
