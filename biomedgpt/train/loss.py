@@ -1,0 +1,61 @@
+"""Label-smoothed cross entropy with per-example weights and answer constraints (spec 5.4).
+
+The original multiplies the log-probabilities of each example by its confidence (VQA answer confidence, 2.0 for
+text/image/detection pretraining examples) and spreads the smoothing mass over the whole vocabulary, or, when a
+constraint mask is given (trie-constrained VQA / classification training), over the allowed tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossOutput:
+    """Summed losses and the number of target tokens they cover (normalise by ``ntokens``)."""
+
+    loss: torch.Tensor
+    nll_loss: torch.Tensor
+    ntokens: int
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loss / max(self.ntokens, 1)
+
+
+def label_smoothed_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    epsilon: float = 0.0,
+    padding_idx: int = 1,
+    example_weights: torch.Tensor | None = None,
+    constraint_masks: torch.Tensor | None = None,
+) -> LossOutput:
+    """logits [B,T,V]; target [B,T] (``padding_idx`` or -100 ignored); example_weights [B];
+    constraint_masks [B,T,V] bool (True = allowed). Returns sums over the non-pad target tokens.
+
+    Per token: (1 - eps - eps_i) * nll + eps_i * sum_v(-log p_v), eps_i = eps / (n_allowed - 1).
+    """
+    if logits.shape[:2] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on [B, T]")
+    if constraint_masks is not None:
+        logits = logits.masked_fill(~constraint_masks, float("-inf"))
+    lprobs = torch.log_softmax(logits.float(), dim=-1)
+    if example_weights is not None:
+        lprobs = lprobs * example_weights.to(lprobs.dtype)[:, None, None]
+
+    keep = target.ne(padding_idx) & target.ne(-100)
+    lprobs, safe_target = lprobs[keep], target[keep]
+    nll = -lprobs.gather(-1, safe_target[:, None]).squeeze(-1)
+    if constraint_masks is not None:
+        allowed = constraint_masks[keep]
+        smooth = -lprobs.masked_fill(~allowed, 0.0).sum(-1)
+        num_allowed = allowed.sum(-1).to(lprobs.dtype)
+    else:
+        smooth = -lprobs.sum(-1)
+        num_allowed = torch.full_like(nll, logits.shape[-1])
+    eps_i = epsilon / (num_allowed - 1).clamp(min=1)
+    loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
+    return LossOutput(loss=loss.sum(), nll_loss=nll.sum(), ntokens=int(keep.sum()))
