@@ -116,16 +116,24 @@ class BiomedGPTEncoder(nn.Module):
         patch_masks: torch.Tensor | None,
         sample_patch_num: int | None,
         generator: torch.Generator | None,
+        patch_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns patch embeddings [B,P,d], their padding mask [B,P] and position ids [B,P]."""
         features = self.embed_images(patch_images)
         batch, _, height, width = features.shape
         features = features.flatten(2).transpose(1, 2)
         position_ids = image_position_ids(height, width, self.grid_size, features.device).expand(batch, -1)
-        if sample_patch_num is not None and 0 < sample_patch_num < height * width:
+        keep = None
+        if patch_indices is not None:
+            # Chosen by the data pipeline from each sample's own seed, so re-sharded runs keep the same patches.
+            if int(patch_indices.max()) >= height * width:
+                raise ValueError(f"patch_indices reach {int(patch_indices.max())} but the image has {height * width}")
+            keep = patch_indices.to(features.device)
+        elif sample_patch_num is not None and 0 < sample_patch_num < height * width:
             # Pretraining keeps a random subset of patches, drawn independently per sample (spec 1.3).
             scores = torch.rand(batch, height * width, generator=generator, device="cpu").to(features.device)
             keep = scores.argsort(dim=1)[:, :sample_patch_num].sort(dim=1).values
+        if keep is not None:
             features = features.gather(1, keep[..., None].expand(-1, -1, features.shape[-1]))
             position_ids = position_ids.gather(1, keep)
         padding = torch.zeros(position_ids.shape, dtype=torch.bool, device=features.device)
@@ -144,6 +152,7 @@ class BiomedGPTEncoder(nn.Module):
         sample_patch_num: int | None = None,
         generator: torch.Generator | None = None,
         output_hidden_states: bool = False,
+        patch_indices: torch.Tensor | None = None,
     ) -> BiomedGPTEncoderOutput:
         batch, text_len = input_ids.shape
         text_padding = input_ids.eq(self.pad_token_id) if attention_mask is None else ~attention_mask.bool()
@@ -153,7 +162,9 @@ class BiomedGPTEncoder(nn.Module):
 
         image_len = 0
         if patch_images is not None:
-            image, image_padding, image_ids = self.embed_image(patch_images, patch_masks, sample_patch_num, generator)
+            image, image_padding, image_ids = self.embed_image(
+                patch_images, patch_masks, sample_patch_num, generator, patch_indices
+            )
             image_len = image.shape[1]
             x = torch.cat([image, text], dim=1)
             padding_mask = torch.cat([image_padding, text_padding], dim=1)
@@ -445,8 +456,19 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
         patch_masks: torch.Tensor | None = None,
         sample_patch_num: int | None = None,
         generator: torch.Generator | None = None,
+        patch_indices: torch.Tensor | None = None,
     ) -> BiomedGPTEncoderOutput:
-        return self.encoder(input_ids, attention_mask, patch_images, patch_masks, sample_patch_num, generator)
+        """``patch_indices`` [B, K]: image patches to keep (row-major on the feature grid); else, with
+        ``sample_patch_num``, a random subset drawn with ``generator``."""
+        return self.encoder(
+            input_ids,
+            attention_mask,
+            patch_images,
+            patch_masks,
+            sample_patch_num,
+            generator,
+            patch_indices=patch_indices,
+        )
 
     def decode(
         self,
@@ -508,9 +530,10 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         sample_patch_num: int | None = None,
+        patch_indices: torch.Tensor | None = None,
     ) -> Seq2SeqLMOutput:
         """``labels`` [B,T] (pad or -100 ignored) give a token-mean cross entropy; training code applies its own
-        label smoothing and weighting on the logits."""
+        label smoothing and weighting on the logits. ``patch_indices`` / ``sample_patch_num``: see ``encode``."""
         output_hidden_states = bool(output_hidden_states)
         if encoder_outputs is None:
             if input_ids is None:
@@ -522,6 +545,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
                 patch_masks,
                 sample_patch_num,
                 output_hidden_states=output_hidden_states,
+                patch_indices=patch_indices,
             )
         if decoder_input_ids is None:
             if labels is None:

@@ -253,3 +253,16 @@ def test_drop_path_drops_whole_samples():
     assert (per_sample.min(1).values == per_sample.max(1).values).all()
     assert 0 < int((per_sample[:, 0] == 0).sum()) < 64
     assert torch.equal(layer.eval()(x), x)
+
+
+def test_explicit_patch_indices_select_those_patches(model):
+    batch = make_batch()
+    indices = torch.tensor([[0, 5, 15], [1, 2, 3], [15, 14, 0]])
+    enc = model.encode(batch["input_ids"], patch_images=batch["patch_images"], patch_indices=indices)
+    assert enc.last_hidden_state.shape[1] == 3 + 7
+    # The kept patches' position embeddings are those of their grid cells (4x4 grid on the 42-wide table).
+    full = model.encode(batch["input_ids"], patch_images=batch["patch_images"])
+    expected = full.position_embeddings[0, [0, 5, 15]]
+    torch.testing.assert_close(enc.position_embeddings[0, :3], expected)
+    with pytest.raises(ValueError, match="patch_indices"):
+        model.encode(batch["input_ids"], patch_images=batch["patch_images"], patch_indices=indices + 16)
