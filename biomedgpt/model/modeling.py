@@ -290,9 +290,9 @@ class BiomedGPTDecoder(nn.Module):
         if total_len > self.max_target_positions:
             raise ValueError(f"decoder length {total_len} exceeds max_position_embeddings={self.max_target_positions}")
         device = input_ids.device
-        code_rows = None
-        if code_masks is not None and bool(code_masks.any()):
-            code_rows = code_masks.bool().to(device)
+        # Given code_masks (even all False), both the text and the image-code paths run and rows pick theirs:
+        # under ZeRO-3 every rank must call the same modules in the same order, whatever its batch holds.
+        code_rows = None if code_masks is None else code_masks.bool().to(device)
         all_steps = torch.arange(total_len, device=device)
         new_steps = all_steps[past_len:]
 

@@ -1,0 +1,3 @@
+from biomedgpt.train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""The typed, nested run configuration of ``biomedgpt-train`` and its named presets.
+
+The global batch size is the fixed quantity: gradient accumulation is derived from the micro-batch size and the
+world size, so one config runs on 2 CPU ranks or 64 GPUs with the same optimisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from biomedgpt.model.config import MODEL_SIZES
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+TASKS = ("pretrain", "vqa", "caption", "summarization", "nli", "classification")
+
+
+@dataclass
+class ModelSection:
+    size: Literal["tiny", "medium", "base", "large", "xlarge"] = "tiny"
+    init_from: str | None = None  # a Hugging Face model directory (consolidated or imported) to start from
+    attention_backend: Literal["sdpa", "reference"] = "sdpa"
+    resnet_norm: Literal["batch", "frozen", "sync"] = "batch"
+    dropout: float = 0.1
+    encoder_drop_path_rate: float = 0.1
+    decoder_drop_path_rate: float = 0.1
+    freeze_embedding: bool = False  # fine-tuning recipes freeze the shared embedding (and so the LM head)
+
+    def __post_init__(self) -> None:
+        if self.size not in MODEL_SIZES:
+            raise ValueError(f"size={self.size!r}; choose one of {list(MODEL_SIZES)}")
+
+
+@dataclass
+class DataSection:
+    task: Literal["pretrain", "vqa", "caption", "summarization", "nli", "classification"] = "pretrain"
+    # Converted (Parquet + index.json) directories. Pretraining: vision_language drives the epoch, the others mix in.
+    vision_language: str | None = None
+    text: str | None = None
+    image: str | None = None
+    detection: str | None = None
+    negative_samples: str | None = None  # folder with type2ans.json, object.txt, all_captions.txt
+    train: str | None = None  # fine-tuning: converted training split
+    valid: str | None = None
+    remote_root: str | None = None  # with a remote, the paths above are local cache folders
+    tokenizer: str | None = None  # tokenizer folder; None = the small one shipped with the package
+    patch_image_size: int = 256
+    sample_patch_num: int | None = 196
+    mixture_period: int = 8
+    mixture_text: int = 2
+    mixture_image: int = 1
+    mixture_detection: int = 1
+    shuffle: bool = True
+    shuffle_algo: str = "py1e"
+    num_canonical_nodes: int | None = 1
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.patch_image_size % 16 or self.patch_image_size <= 0:
+            raise ValueError(f"patch_image_size={self.patch_image_size} must be a positive multiple of 16")
+        if self.task == "pretrain" and not self.vision_language:
+            raise ValueError("pretraining needs data.vision_language (a converted directory)")
+        if self.task != "pretrain" and not self.train:
+            raise ValueError(f"fine-tuning task {self.task!r} needs data.train (a converted directory)")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.01
+    clip_norm: float = 5.0
+    label_smoothing: float = 0.0
+    max_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 1)")
+
+
+@dataclass
+class BatchSection:
+    global_batch_size: int = 16  # rows (pretraining: vision-language rows) per optimizer step, all ranks together
+    micro_batch_size: int = 4  # rows per rank per forward/backward
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size "
+                f"({self.micro_batch_size}) x world size ({world_size}) = {per_step}; change batch.global_batch_size "
+                f"or batch.micro_batch_size"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = "checkpoints/run"
+    every_steps: int = 50
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest complete checkpoint in `dir` when there is one
+    wall_clock_minutes: float | None = None  # save and exit 0 this long after start (before a SLURM limit)
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db
+    experiment: str = "biomedgpt"
+    run_name: str | None = None
+    system_metrics: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    deepspeed_config: str = "zero3_cpu.json"  # a file in ds_configs/ or a path
+    log_every_steps: int = 1
+    peak_tflops: float | None = None  # device peak for MFU; None: look the device up in the table
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.log_every_steps < 1:
+            raise ValueError("log_every_steps must be >= 1")
+
+
+def preset_paths() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(PRESET_DIR.glob("*.yaml"))}
+
+
+def deepspeed_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = DS_CONFIG_DIR / name_or_path
+    if candidate.is_file():
+        return candidate
+    available = sorted(p.name for p in DS_CONFIG_DIR.glob("*.json"))
+    raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found; give a path or one of {available}")
+
+
+def describe(config: TrainConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(config)

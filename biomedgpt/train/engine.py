@@ -1,0 +1,210 @@
+"""Distributed set-up, the DeepSpeed config, model, optimizer and schedule: everything before the first step."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from biomedgpt.data.distributed_env import DistributedEnv, apply_distributed_env
+from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt.tokenizer import BiomedGPTTokenizer
+from biomedgpt.train.config import TrainConfig, deepspeed_config_path
+
+AUTO = "auto"
+
+
+@dataclass
+class DistributedContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistributedContext:
+    """Map the launcher's variables (torchrun, deepspeed, srun) and start the process group (gloo on CPU)."""
+    env: DistributedEnv = apply_distributed_env()
+    import deepspeed
+
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    device = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    return DistributedContext(env.rank, env.local_rank, env.world_size, device, backend)
+
+
+def resolve_deepspeed_config(config: TrainConfig, world_size: int, cuda: bool | None = None) -> dict[str, Any]:
+    """Read the DeepSpeed JSON and fill its ``"auto"`` entries from the run config (the single source of truth
+    for batch sizes, clipping and precision); concrete values that contradict the run config are errors."""
+    path = deepspeed_config_path(config.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    accumulation = config.batch.gradient_accumulation(world_size)
+    wanted = {
+        "train_batch_size": config.batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": config.batch.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": config.optim.clip_norm,
+    }
+    for key, value in wanted.items():
+        current = ds.get(key, AUTO)
+        if current == AUTO:
+            ds[key] = value
+        elif float(current) != float(value):
+            raise ValueError(
+                f'{path}: {key}={current} contradicts the run config ({value}); set it to "auto" in the JSON'
+            )
+    bf16 = config.precision == "bf16"
+    section = ds.setdefault("bf16", {"enabled": AUTO})
+    if section.get("enabled", AUTO) == AUTO:
+        section["enabled"] = bf16
+    elif bool(section["enabled"]) != bf16:
+        raise ValueError(
+            f"{path} has bf16.enabled={section['enabled']} but precision={config.precision}; "
+            f"set precision={'bf16' if section['enabled'] else 'fp32'} or use another DeepSpeed config"
+        )
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ValueError(f"{path}: fp16 is not supported (use bf16 on GPUs that have it, fp32 elsewhere)")
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in (None, "none") and not cuda:
+        raise ValueError(f"{path} offloads the optimizer to CPU, which needs a GPU run; use zero3_cpu.json on CPU")
+    if bf16 and not cuda:
+        raise ValueError("precision=bf16 needs a GPU; on CPU use precision=fp32 with ds_configs/zero3_cpu.json")
+    ds.setdefault("steps_per_print", 1_000_000_000)
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def model_config_for(config: TrainConfig, tokenizer: BiomedGPTTokenizer) -> BiomedGPTConfig:
+    section = config.model
+    return BiomedGPTConfig.for_size(
+        section.size,
+        vocab_size=len(tokenizer),
+        attention_backend=section.attention_backend,
+        resnet_norm=section.resnet_norm,
+        dropout=section.dropout,
+        encoder_drop_path_rate=section.encoder_drop_path_rate,
+        decoder_drop_path_rate=section.decoder_drop_path_rate,
+    )
+
+
+def build_model(config: TrainConfig, tokenizer: BiomedGPTTokenizer, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """From scratch under ``zero.Init`` for ZeRO-3 (no rank holds the whole model), or from ``model.init_from``."""
+    import deepspeed
+
+    if config.model.init_from:
+        model = BiomedGPTForConditionalGeneration.from_pretrained(config.model.init_from)
+        if model.config.vocab_size != len(tokenizer):
+            raise ValueError(
+                f"{config.model.init_from} has vocab_size={model.config.vocab_size} but the tokenizer has "
+                f"{len(tokenizer)} ids; use the tokenizer saved with that model (data.tokenizer)"
+            )
+    elif zero_stage(ds_config) == 3:
+        with deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds_config)):
+            model = BiomedGPTForConditionalGeneration(model_config_for(config, tokenizer))
+    else:
+        model = BiomedGPTForConditionalGeneration(model_config_for(config, tokenizer))
+    if config.model.freeze_embedding:
+        model.set_embedding_trainable(False)
+    return model
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """fairseq's polynomial_decay with power 1: linear warmup (the first update already at 1/warmup), then
+    linear decay to 0 at ``total_steps``. ``step`` counts completed updates."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return max(step, 1) / warmup_steps
+    if step >= total_steps:
+        return 0.0
+    return 1.0 - (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on *all* parameters, as the original (no bias/LayerNorm exclusion).
+
+    FusedAdam on GPU, DeepSpeed's CPU Adam when the optimizer is offloaded, torch AdamW on CPU runs.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = config.optim
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in (None, "none"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    total = config.optim.max_steps
+    warmup = math.ceil(config.optim.warmup_ratio * total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+
+
+def load_tokenizer(config: TrainConfig) -> BiomedGPTTokenizer:
+    if config.data.tokenizer:
+        return BiomedGPTTokenizer.from_pretrained(config.data.tokenizer)
+    return BiomedGPTTokenizer.default()
+
+
+def initialize_engine(
+    config: TrainConfig, context: DistributedContext, tokenizer: BiomedGPTTokenizer
+) -> tuple[Any, dict[str, Any]]:
+    """The DeepSpeed engine (model, optimizer and schedule wrapped) and the resolved DeepSpeed config."""
+    import deepspeed
+
+    ds_config = resolve_deepspeed_config(config, context.world_size)
+    model = build_model(config, tokenizer, ds_config)
+    optimizer = build_optimizer(model, config, ds_config)
+    scheduler = build_scheduler(optimizer, config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(ds_config)
+    )
+    return engine, ds_config
+
+
+def model_state_bytes_per_rank(num_parameters: int, stage: int, world_size: int, bf16: bool) -> dict[str, float]:
+    """Memory of model states per rank (weights, gradients, Adam moments + fp32 master copy), ZeRO paper terms.
+
+    bf16: 2 B weights + 2 B grads + 12 B optimizer (fp32 master, m, v); fp32: 4 + 4 + 8.
+    """
+    weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)
+    n = float(num_parameters)
+    shard = max(world_size, 1)
+    weights = n * weight / (shard if stage >= 3 else 1)
+    grads = n * grad / (shard if stage >= 2 else 1)
+    optimizer = n * optim / (shard if stage >= 1 else 1)
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "total": weights + grads + optimizer}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)

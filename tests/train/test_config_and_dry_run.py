@@ -1,0 +1,71 @@
+import pytest
+
+from biomedgpt.config_utils import ConfigError, load_config
+from biomedgpt.train.cli import main
+from biomedgpt.train.config import TrainConfig, preset_paths
+from biomedgpt.train.engine import lr_factor, model_state_bytes_per_rank, resolve_deepspeed_config
+
+
+def demo(*overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, "demo", list(overrides), presets=preset_paths())
+
+
+def test_every_preset_loads_and_plans(capsys):
+    assert {"demo", "pretrain_tiny", "pretrain_medium", "pretrain_base", "pretrain_large", "pretrain_xlarge"} <= set(
+        preset_paths()
+    )
+    for name in preset_paths():
+        assert main(["--config", name, "--dry-run", "--world-size", "8" if name != "demo" else "2"]) == 0
+    out = capsys.readouterr().out
+    assert "size xlarge" in out and "ZeRO stage 3" in out and '"train_batch_size": 256' in out
+
+
+def test_unknown_key_is_named_with_a_suggestion(capsys):
+    assert main(["--config", "demo", "--dry-run", "optim.lrr=1e-4"]) == 2
+    assert "unknown key 'optim.lrr' (from command line); did you mean 'optim.lr'?" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_is_derived_and_checked():
+    config = demo("batch.global_batch_size=16", "batch.micro_batch_size=4")
+    assert config.batch.gradient_accumulation(1) == 4
+    assert config.batch.gradient_accumulation(2) == 2
+    ds = resolve_deepspeed_config(config, world_size=2, cuda=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16,
+        4,
+        2,
+    )
+    assert ds["gradient_clipping"] == config.optim.clip_norm
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
+        config.batch.gradient_accumulation(3)
+
+
+def test_impossible_combinations_fail_before_work():
+    with pytest.raises(ValueError, match="needs a GPU"):
+        resolve_deepspeed_config(demo("precision=bf16", "deepspeed_config=zero3_bf16.json"), 2, cuda=False)
+    with pytest.raises(ValueError, match="bf16.enabled=True but precision=fp32"):
+        resolve_deepspeed_config(demo("deepspeed_config=zero3_bf16.json"), 2, cuda=True)
+    with pytest.raises(ValueError, match="offloads the optimizer"):
+        resolve_deepspeed_config(demo("precision=bf16", "deepspeed_config=zero3_offload.json"), 2, cuda=False)
+    with pytest.raises(FileNotFoundError, match="zero3_cpu.json"):
+        resolve_deepspeed_config(demo("deepspeed_config=nope.json"), 2, cuda=False)
+    with pytest.raises(ConfigError, match="precision"):
+        demo("precision=fp16")
+
+
+def test_learning_rate_schedule_matches_fairseq_polynomial_decay():
+    # warmup 4 of 20 updates: the first update already uses lr/4, peak at update 4, zero at 20.
+    factors = [lr_factor(step, 4, 20) for step in range(21)]
+    assert factors[:5] == [0.25, 0.25, 0.5, 0.75, 1.0]
+    assert factors[12] == pytest.approx(1 - 8 / 16)
+    assert factors[20] == 0.0
+    assert lr_factor(0, 0, 10) == 1.0
+
+
+def test_model_state_memory_follows_the_zero_stages():
+    one_billion = 10**9
+    stage0 = model_state_bytes_per_rank(one_billion, 0, 8, bf16=True)
+    stage3 = model_state_bytes_per_rank(one_billion, 3, 8, bf16=True)
+    assert stage0["total"] == 16e9  # 2 + 2 + 12 bytes per parameter
+    assert stage3["total"] == 2e9
+    assert model_state_bytes_per_rank(one_billion, 2, 4, bf16=False)["weights"] == 4e9
