@@ -19,6 +19,7 @@ class LossOutput:
     loss: torch.Tensor
     nll_loss: torch.Tensor
     ntokens: int
+    per_example: torch.Tensor  # [B] summed loss of each example (for per-task metrics), detached
 
     @property
     def mean(self) -> torch.Tensor:
@@ -47,6 +48,7 @@ def label_smoothed_cross_entropy(
         lprobs = lprobs * example_weights.to(lprobs.dtype)[:, None, None]
 
     keep = target.ne(padding_idx) & target.ne(-100)
+    example_of_token = torch.arange(target.shape[0], device=target.device)[:, None].expand_as(target)[keep]
     lprobs, safe_target = lprobs[keep], target[keep]
     nll = -lprobs.gather(-1, safe_target[:, None]).squeeze(-1)
     if constraint_masks is not None:
@@ -58,4 +60,5 @@ def label_smoothed_cross_entropy(
         num_allowed = torch.full_like(nll, logits.shape[-1])
     eps_i = epsilon / (num_allowed - 1).clamp(min=1)
     loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
-    return LossOutput(loss=loss.sum(), nll_loss=nll.sum(), ntokens=int(keep.sum()))
+    per_example = torch.zeros(target.shape[0], device=loss.device).index_add_(0, example_of_token, loss.detach())
+    return LossOutput(loss=loss.sum(), nll_loss=nll.sum(), ntokens=int(keep.sum()), per_example=per_example)

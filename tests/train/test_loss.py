@@ -16,6 +16,10 @@ def test_without_smoothing_equals_cross_entropy_sum():
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.nll_loss, expected)
     assert out.ntokens == 6
+    per_row = [
+        torch.nn.functional.cross_entropy(logits[i][keep[i]], target[i][keep[i]], reduction="sum") for i in (0, 1)
+    ]
+    torch.testing.assert_close(out.per_example, torch.stack(per_row))
 
 
 def test_smoothing_by_hand_on_one_token():
