@@ -1,0 +1,569 @@
+"""Convert a BiomedGPT/OFA TSV file into Parquet shards plus a mosaicml-streaming ``index.json``.
+
+How a run goes:
+
+1. One sequential pass over the input (binary mode, so ``\\r`` and byte offsets are exact, unlike OFA's text-mode
+   reader, spec 4.1) splits it into shards of ``rows_per_shard`` *lines*: shard ``k`` always holds lines
+   ``k*R+1 .. (k+1)*R``, whatever is rejected, so a re-run knows which shard holds which lines. The pass also
+   hashes each shard's byte range.
+2. Shards are converted by a pool of worker processes. Each validates its lines (:func:`schema.parse_row`), writes
+   good rows to ``shard.NNNNN.parquet`` (via a ``.tmp`` name, renamed when complete) and bad ones to
+   ``_convert/shard.NNNNN.rejects.jsonl``, then writes ``_convert/shard.NNNNN.json`` *last*, as the mark that the
+   shard is finished. A re-run skips every shard whose mark matches the options and the hash of its byte range, so
+   an interrupted conversion resumes, and fixing a few bad lines in place redoes only their shards.
+3. The per-shard records are merged into ``index.json``, ``rejects.jsonl`` (every rejected line with file, line,
+   reason, column and detail) and ``conversion_summary.json`` (counts per reason; rows read = written + rejected,
+   so no row is lost without being reported).
+
+With ``strict=True`` the first bad row (in file order) stops the conversion with :class:`StrictModeError`, which
+names file, line and column; no ``index.json`` is written.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from biomedgpt.data.parquet_shards import (
+    INDEX_BASENAME,
+    ParquetShardWriter,
+    ShardInfo,
+    shard_basename,
+    write_index,
+)
+from biomedgpt.data.schema import SCHEMA_VERSION, KindSpec, RowError, get_kind, parse_row, parse_selected_cols
+
+__all__ = [
+    "REJECTS_BASENAME",
+    "SUMMARY_BASENAME",
+    "ConversionError",
+    "ConversionSummary",
+    "ShardPlan",
+    "StrictModeError",
+    "convert",
+    "plan_shards",
+]
+
+REJECTS_BASENAME = "rejects.jsonl"
+SUMMARY_BASENAME = "conversion_summary.json"
+WORK_DIRNAME = "_convert"  # per-shard marks and rejects; kept so that re-runs can skip finished shards
+MANIFEST_BASENAME = "manifest.json"
+RAW_PREVIEW_CHARS = 200
+_SCAN_CHUNK = 16 << 20
+
+
+class ConversionError(Exception):
+    """A problem with the conversion as a whole (bad arguments, unusable output directory)."""
+
+
+class StrictModeError(ConversionError):
+    """``strict=True`` and a row was bad; the message names file, line, column and reason."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        where = f"{record['file']}:{record['line']}"
+        if record.get("column") is not None:
+            where += f": column {record['column']}"
+            if record.get("field"):
+                where += f" ({record['field']})"
+        super().__init__(f"{where}: {record['reason']}: {record['detail']}")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Lines ``first_line .. first_line+num_lines-1`` (1-based) at bytes ``[start, end)`` of the input."""
+
+    shard_id: int
+    first_line: int
+    num_lines: int
+    start: int
+    end: int
+    digest: str
+
+
+@dataclass
+class ConversionSummary:
+    input: str
+    kind: str
+    out: str
+    rows_read: int = 0
+    rows_written: int = 0
+    rows_rejected: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    shards_planned: int = 0
+    shards_with_rows: int = 0
+    shards_converted: int = 0
+    shards_reused: int = 0
+    selected_cols: list[int | None] = field(default_factory=list)
+    num_cols: int = 0
+    rows_per_shard: int = 0
+    row_group_rows: int = 0
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def plan_shards(path: str, rows_per_shard: int, progress: bool = False) -> list[ShardPlan]:
+    """Split ``path`` into line ranges of ``rows_per_shard`` lines, with byte offsets and a hash of each range.
+
+    A final line without ``\\n`` counts as a line. Counting uses numpy over 16 MiB blocks, so the pass runs near
+    disk speed even for files with millions of short lines.
+    """
+    if rows_per_shard < 1:
+        raise ConversionError("rows_per_shard must be >= 1")
+    plans: list[ShardPlan] = []
+    size = os.path.getsize(path)
+    hasher = hashlib.blake2b(digest_size=16)
+    shard_start = 0  # byte offset where the current shard begins
+    lines_in_shard = 0
+    lines_before = 0  # lines in finished shards
+    pos = 0
+    last_byte = b""
+    bar = _progress_bar(progress, total=size, unit="B", unit_scale=True, desc="scan")
+    with open(path, "rb") as f:
+        while chunk := f.read(_SCAN_CHUNK):
+            view = memoryview(chunk)
+            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+            used, taken = 0, 0  # bytes of the chunk hashed so far, newlines consumed so far
+            while len(newlines) - taken >= rows_per_shard - lines_in_shard:
+                taken += rows_per_shard - lines_in_shard
+                end = int(newlines[taken - 1]) + 1
+                hasher.update(view[used:end])
+                used = end
+                plans.append(
+                    ShardPlan(len(plans), lines_before + 1, rows_per_shard, shard_start, pos + end, hasher.hexdigest())
+                )
+                lines_before += rows_per_shard
+                shard_start, lines_in_shard = pos + end, 0
+                hasher = hashlib.blake2b(digest_size=16)
+            hasher.update(view[used:])
+            lines_in_shard += len(newlines) - taken
+            pos += len(chunk)
+            last_byte = chunk[-1:]
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if pos != size:
+        raise ConversionError(f"{path} changed size while being read")
+    if pos > shard_start and last_byte != b"\n":
+        lines_in_shard += 1  # last line has no newline
+    if lines_in_shard:
+        plans.append(ShardPlan(len(plans), lines_before + 1, lines_in_shard, shard_start, pos, hasher.hexdigest()))
+    return plans
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+@dataclass(frozen=True)
+class _Task:
+    plan: ShardPlan
+    input: str
+    display_input: str
+    kind: str
+    selected_cols: tuple[int | None, ...]
+    num_cols: int
+    row_group_rows: int
+    out: str
+    config_key: str
+    strict: bool
+    compression_level: int | None
+
+
+def _reject_record(task: _Task, kind: KindSpec, line_no: int, line: bytes, err: RowError) -> dict[str, Any]:
+    raw = line[: RAW_PREVIEW_CHARS * 4].decode("utf-8", errors="replace")
+    if len(raw) > RAW_PREVIEW_CHARS or len(line) > RAW_PREVIEW_CHARS * 4:
+        raw = raw[:RAW_PREVIEW_CHARS] + f"... ({len(line)} bytes)"
+    return {
+        "file": task.display_input,
+        "line": line_no,
+        "reason": err.reason,
+        # 1-based TSV column as a person counts them (`cut -f`), plus the layout field it feeds.
+        "column": None if err.tsv_column is None else err.tsv_column + 1,
+        "field": None if err.field_index is None else kind.fields[err.field_index].name,
+        "detail": err.detail,
+        "raw": raw,
+    }
+
+
+def _iter_lines(task: _Task) -> Iterator[tuple[int, bytes]]:
+    plan = task.plan
+    with open(task.input, "rb") as f:
+        f.seek(plan.start)
+        for i in range(plan.num_lines):
+            line = f.readline()
+            if line.endswith(b"\n"):
+                line = line[:-1]
+            yield plan.first_line + i, line
+        if f.tell() != plan.end:
+            raise ConversionError(f"{task.display_input} changed while being converted (shard {plan.shard_id})")
+
+
+def _work_path(out: str, shard_id: int, suffix: str) -> str:
+    return os.path.join(out, WORK_DIRNAME, f"shard.{shard_id:05d}{suffix}")
+
+
+def _convert_shard(task: _Task) -> dict[str, Any]:
+    """Convert one shard; returns its mark (also written to disk) or ``{"strict_error": record}``."""
+    kind = get_kind(task.kind)
+    plan = task.plan
+    shard_path = os.path.join(task.out, shard_basename(plan.shard_id))
+    rejects_path = _work_path(task.out, plan.shard_id, ".rejects.jsonl")
+    counts: Counter[str] = Counter()
+    writer = ParquetShardWriter(shard_path, kind.schema, task.row_group_rows, task.compression_level)
+    try:
+        with open(rejects_path + ".tmp", "w") as rejects:
+            for line_no, line in _iter_lines(task):
+                try:
+                    row = parse_row(kind, line, task.selected_cols, task.num_cols, line_no)
+                except RowError as err:
+                    record = _reject_record(task, kind, line_no, line, err)
+                    if task.strict:
+                        writer.abort()
+                        return {"strict_error": record}
+                    counts[err.reason] += 1
+                    rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    continue
+                writer.write(row)
+        if writer.samples:
+            info = writer.close()
+        else:
+            # Nothing valid: no Parquet file (streaming dislikes empty shards), but the mark still records the lines.
+            writer.abort()
+            if os.path.exists(shard_path):
+                os.remove(shard_path)
+            info = ShardInfo(shard_basename(plan.shard_id), 0, "", 0, [])
+    except BaseException:
+        writer.abort()
+        raise
+    os.replace(rejects_path + ".tmp", rejects_path)
+    mark = {
+        "config_key": task.config_key,
+        "plan": asdict(plan),
+        "rows_read": plan.num_lines,
+        "rows_written": info.samples,
+        "rejects": dict(counts),
+        "shard": info.to_json(),
+    }
+    mark_path = _work_path(task.out, plan.shard_id, ".json")
+    with open(mark_path + ".tmp", "w") as f:
+        json.dump(mark, f)
+    os.replace(mark_path + ".tmp", mark_path)  # written last: its presence means the shard is finished
+    return mark
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _progress_bar(enabled: bool, **kwargs: Any) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def _config(
+    input_path: str, kind: KindSpec, cols: Sequence[int | None], num_cols: int, rows_per_shard: int, rg_rows: int
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "input": os.path.abspath(input_path),
+        "kind": kind.name,
+        "fields": list(kind.field_names),
+        "selected_cols": list(cols),
+        "num_cols": num_cols,
+        "rows_per_shard": rows_per_shard,
+        "row_group_rows": rg_rows,
+    }
+
+
+def _config_key(config: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _describe(config: dict[str, Any]) -> str:
+    return (
+        f"{config.get('input')!r} as kind {config.get('kind')!r} (selected_cols={config.get('selected_cols')}, "
+        f"num_cols={config.get('num_cols')}, rows_per_shard={config.get('rows_per_shard')}, "
+        f"row_group_rows={config.get('row_group_rows')}, schema_version={config.get('schema_version')})"
+    )
+
+
+def _existing_config(out: str) -> dict[str, Any] | None:
+    """The conversion config an output directory already holds (finished or interrupted), if any."""
+    index_path = os.path.join(out, INDEX_BASENAME)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                meta = json.load(f).get("biomedgpt")
+        except (OSError, ValueError, AttributeError):
+            meta = None
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise ConversionError(
+                f"{out} holds an {INDEX_BASENAME} that biomedgpt-convert did not write; "
+                "choose an empty or new --out directory"
+            )
+        return meta["config"]
+    manifest = os.path.join(out, WORK_DIRNAME, MANIFEST_BASENAME)
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            return json.load(f)
+    return None
+
+
+def _shard_files(out: str) -> list[tuple[int, str]]:
+    """Our per-shard files in ``out`` (Parquet, temp files, marks, rejects) with their shard numbers."""
+    found = []
+    paths = glob.glob(os.path.join(out, "shard.*.parquet*")) + glob.glob(os.path.join(out, WORK_DIRNAME, "shard.*"))
+    for path in paths:
+        try:
+            found.append((int(os.path.basename(path).split(".")[1]), path))
+        except (IndexError, ValueError):
+            continue
+    return found
+
+
+def _remove_outputs(out: str) -> None:
+    """Delete everything a conversion wrote to ``out`` (for ``overwrite``)."""
+    for _, path in _shard_files(out):
+        os.remove(path)
+    for name in (INDEX_BASENAME, REJECTS_BASENAME, SUMMARY_BASENAME):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, WORK_DIRNAME), ignore_errors=True)
+
+
+def _remove_stale_shards(out: str, num_shards: int) -> None:
+    """Delete files of shards numbered ``>= num_shards`` (left over after the input got shorter)."""
+    for shard_id, path in _shard_files(out):
+        if shard_id >= num_shards:
+            os.remove(path)
+
+
+def _load_mark(out: str, plan: ShardPlan, config_key: str) -> dict[str, Any] | None:
+    """A finished shard's mark, if it matches this run (options and the bytes of its line range)."""
+    try:
+        with open(_work_path(out, plan.shard_id, ".json")) as f:
+            mark = json.load(f)
+    except (OSError, ValueError):
+        return None
+    # Identity of a shard: its lines and their bytes. Byte offsets may move (an earlier line was edited) without
+    # changing what the shard holds.
+    old_plan = mark.get("plan") or {}
+    if mark.get("config_key") != config_key or any(
+        old_plan.get(k) != getattr(plan, k) for k in ("shard_id", "first_line", "num_lines", "digest")
+    ):
+        return None
+    if not os.path.exists(_work_path(out, plan.shard_id, ".rejects.jsonl")):
+        return None
+    info = mark["shard"]
+    if info["samples"]:
+        path = os.path.join(out, info["basename"])
+        if not os.path.exists(path) or os.path.getsize(path) != info["bytes"]:
+            return None
+    return mark
+
+
+def convert(
+    input_path: str,
+    kind: str,
+    out: str,
+    *,
+    selected_cols: str | Sequence[int | None] | None = None,
+    num_cols: int | None = None,
+    rows_per_shard: int = 2048,
+    row_group_rows: int = 128,
+    workers: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    compression_level: int | None = None,
+) -> ConversionSummary:
+    """Convert ``input_path`` (a TSV of ``kind``) into Parquet shards, ``index.json`` and reject/summary files.
+
+    Args:
+        selected_cols: which TSV column feeds each field of the kind's layout (``"0,5,2,3,4,1"``; ``-`` for an
+            absent optional field); default: the identity.
+        num_cols: how many tab-separated columns every line must have; default: highest selected column + 1.
+        rows_per_shard: input lines per shard (rejected lines included, so shard boundaries are deterministic).
+        row_group_rows: rows per Parquet row group (the unit of random access when streaming).
+        workers: worker processes (1 = convert in this process).
+        strict: stop at the first bad row with :class:`StrictModeError`.
+        overwrite: replace an existing conversion in ``out`` made with other options or another input.
+    """
+    started = time.monotonic()
+    if not os.path.exists(input_path):
+        raise ConversionError(f"input file {input_path} does not exist")
+    if not os.path.isfile(input_path):
+        raise ConversionError(f"input {input_path} is not a regular file")
+    try:
+        spec = get_kind(kind)
+        cols = parse_selected_cols(spec, selected_cols)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+    max_col = max(c for c in cols if c is not None)
+    if num_cols is None:
+        num_cols = max_col + 1
+    elif num_cols <= max_col:
+        raise ConversionError(f"--num-cols {num_cols} is too small for --selected-cols (highest column {max_col})")
+    if row_group_rows < 1 or rows_per_shard < 1:
+        raise ConversionError("--rows-per-shard and --row-group-rows must be >= 1")
+    if workers < 1:
+        raise ConversionError("--workers must be >= 1")
+
+    config = _config(input_path, spec, cols, num_cols, rows_per_shard, row_group_rows)
+    config_key = _config_key(config)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConversionError(f"--out {out} exists and is not a directory")
+    os.makedirs(os.path.join(out, WORK_DIRNAME), exist_ok=True)
+    previous = _existing_config(out)
+    if previous is not None and previous != config:
+        if not overwrite:
+            raise ConversionError(
+                f"{out} already holds a conversion of {_describe(previous)}; this run asks for {_describe(config)}. "
+                "Choose another --out directory, or pass --overwrite to replace what is there."
+            )
+        _remove_outputs(out)
+        os.makedirs(os.path.join(out, WORK_DIRNAME), exist_ok=True)
+    with open(os.path.join(out, WORK_DIRNAME, MANIFEST_BASENAME), "w") as f:
+        json.dump(config, f, indent=1)
+
+    plans = plan_shards(input_path, rows_per_shard, progress=progress)
+    marks: dict[int, dict[str, Any]] = {}
+    pending: list[_Task] = []
+    for plan in plans:
+        mark = _load_mark(out, plan, config_key)
+        # Strict mode redoes shards that hold rejects from an earlier lenient run, so it stops at the first one.
+        if mark is not None and not (strict and mark["rejects"]):
+            marks[plan.shard_id] = mark
+        else:
+            pending.append(
+                _Task(
+                    plan,
+                    os.path.abspath(input_path),
+                    str(input_path),
+                    spec.name,
+                    tuple(cols),
+                    num_cols,
+                    row_group_rows,
+                    os.path.abspath(out),
+                    config_key,
+                    strict,
+                    compression_level,
+                )
+            )
+    reused = len(marks)
+    # Stale shards beyond the end (the input got shorter) and an index from before must not survive.
+    _remove_stale_shards(out, len(plans))
+    if os.path.exists(os.path.join(out, INDEX_BASENAME)):
+        os.remove(os.path.join(out, INDEX_BASENAME))
+
+    total_lines = sum(p.num_lines for p in plans)
+    bar = _progress_bar(progress, total=total_lines, unit="line", desc=f"convert {spec.name}")
+    if bar is not None:
+        bar.update(sum(marks[s]["rows_read"] for s in marks))
+    results = _run(pending, workers, strict)
+    try:
+        for mark in results:
+            if "strict_error" in mark:
+                raise StrictModeError(mark["strict_error"])
+            marks[mark["plan"]["shard_id"]] = mark
+            if bar is not None:
+                bar.update(mark["rows_read"])
+    finally:
+        results.close()  # on an error, leave the pool's `with` now: terminates the other workers
+        if bar is not None:
+            bar.close()
+
+    summary = _finish(out, input_path, spec, config, plans, marks, reused)
+    summary.elapsed_s = round(time.monotonic() - started, 3)
+    with open(os.path.join(out, SUMMARY_BASENAME), "w") as f:
+        json.dump(summary.to_json(), f, indent=1)
+    return summary
+
+
+def _run(tasks: list[_Task], workers: int, strict: bool) -> Iterator[dict[str, Any]]:
+    if workers == 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield _convert_shard(task)
+        return
+    # fork where there is one: workers start at once and the caller's script needs no `if __name__ == "__main__"`
+    # guard (spawn re-imports it). The workers only use pyarrow, whose thread pools are fork-safe.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(min(workers, len(tasks))) as pool:
+        # Strict mode needs results in file order so that the first error reported is the first in the file.
+        results = pool.imap(_convert_shard, tasks) if strict else pool.imap_unordered(_convert_shard, tasks)
+        yield from results
+
+
+def _finish(
+    out: str,
+    input_path: str,
+    spec: KindSpec,
+    config: dict[str, Any],
+    plans: list[ShardPlan],
+    marks: dict[int, dict[str, Any]],
+    reused: int,
+) -> ConversionSummary:
+    """Merge per-shard marks and rejects into index.json, rejects.jsonl and the summary."""
+    summary = ConversionSummary(
+        input=str(input_path),
+        kind=spec.name,
+        out=str(out),
+        shards_planned=len(plans),
+        shards_reused=reused,
+        shards_converted=len(plans) - reused,
+        selected_cols=list(config["selected_cols"]),
+        num_cols=config["num_cols"],
+        rows_per_shard=config["rows_per_shard"],
+        row_group_rows=config["row_group_rows"],
+    )
+    reasons: Counter[str] = Counter()
+    infos: list[ShardInfo] = []
+    tmp_rejects = os.path.join(out, REJECTS_BASENAME + ".tmp")
+    with open(tmp_rejects, "wb") as merged:
+        for plan in plans:
+            mark = marks[plan.shard_id]
+            summary.rows_read += mark["rows_read"]
+            summary.rows_written += mark["rows_written"]
+            reasons.update(mark["rejects"])
+            if mark["shard"]["samples"]:
+                infos.append(ShardInfo.from_json(mark["shard"]))
+            with open(_work_path(out, plan.shard_id, ".rejects.jsonl"), "rb") as part:
+                shutil.copyfileobj(part, merged)
+    os.replace(tmp_rejects, os.path.join(out, REJECTS_BASENAME))
+    summary.rows_rejected = sum(reasons.values())
+    summary.rejects_by_reason = dict(sorted(reasons.items()))
+    summary.shards_with_rows = len(infos)
+    if summary.rows_read != summary.rows_written + summary.rows_rejected:  # pragma: no cover - an internal bug
+        raise ConversionError(
+            f"internal error: {summary.rows_read} rows read but {summary.rows_written} written "
+            f"+ {summary.rows_rejected} rejected"
+        )
+    meta = {
+        "config": config,
+        "rows_read": summary.rows_read,
+        "rows_written": summary.rows_written,
+        "rows_rejected": summary.rows_rejected,
+        "columns": {f.name: str(f.type) for f in spec.schema},
+    }
+    write_index(out, infos, meta)
+    return summary

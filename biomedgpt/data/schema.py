@@ -1,0 +1,498 @@
+"""Column layouts of the BiomedGPT/OFA TSV files, their typed Parquet schemas, and per-row validation.
+
+Every *kind* of TSV (spec 4.2 pretraining, 4.3 fine-tuning) has a layout: the fields of the file its producer
+scripts write, in that order. ``--selected-cols i,j,...`` says which TSV column feeds each layout field (the same
+pick-and-reorder semantics as OFA's ``FileDataset``); ``-`` leaves an optional field empty for files that lack it.
+
+Parquet columns keep the original field names. Fields that hold numbers become typed columns (``code`` ->
+``list<int16>``, nli ``label`` -> ``int8``, ``label_index`` -> ``int32``); images become the raw encoded file bytes
+(``binary``, the base64 text is decoded once here). Compound text fields that the original datasets parse at load
+time (``refs``, the detection ``label``) are kept verbatim *and* parsed into extra typed columns (``answers`` +
+``answer_confs``, ``box``, ``boxes``), so downstream code can use either. Every table also has ``source_line``
+(1-based line of the row in its TSV) for traceability back to the input.
+
+:func:`parse_row` turns one raw TSV line into a column dict or raises :class:`RowError` with one of
+:data:`REJECT_REASONS`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+__all__ = [
+    "KINDS",
+    "REJECT_REASONS",
+    "SCHEMA_VERSION",
+    "FieldSpec",
+    "KindSpec",
+    "RowError",
+    "decode_base64",
+    "get_kind",
+    "parse_answers",
+    "parse_box",
+    "parse_codes",
+    "parse_detection_label",
+    "parse_row",
+    "parse_selected_cols",
+    "verify_image",
+]
+
+# Bumped whenever the Parquet layout of any kind changes, so re-runs do not mix old and new shards.
+SCHEMA_VERSION = 1
+
+NUM_IMAGE_CODES = 256  # 16x16 VQ-GAN grid (spec 3.3)
+CODEBOOK_SIZE = 8192
+VL_TYPES = ("caption", "qa", "visual_grounding")
+
+# Every way a row can be rejected. The converter counts rows by these names; keep them stable.
+REJECT_REASONS: tuple[str, ...] = (
+    "blank_line",  # an empty line (OFA would crash on it)
+    "carriage_return",  # CRLF line ending or a stray \r inside a field (breaks OFA's byte offsets, spec 4.1)
+    "bad_encoding",  # not valid UTF-8
+    "wrong_column_count",  # also how a stray tab inside a field shows up
+    "empty_required_field",
+    "bad_base64",
+    "undecodable_image",
+    "malformed_answer",  # refs not `conf|!+answer[&&...]` or conf not a finite float >= 0
+    "malformed_box",  # not 4 numbers, negative, or x0>=x1 / y0>=y1
+    "malformed_codes",  # not 256 ints in [0, 8191]
+    "malformed_detection_label",  # a detection entry without `x0,y0,x1,y1,cat_id,cat_name`
+    "bad_label",  # nli label not 0/1/2, classification label_index not a non-negative int
+    "bad_type",  # vision_language `type` not one of caption / qa / visual_grounding
+)
+
+
+class RowError(ValueError):
+    """A row that cannot be converted.
+
+    ``field_index`` is the position in the kind's layout (``None`` when the problem is not tied to one field, e.g.
+    a wrong column count); ``tsv_column`` is the 0-based column of the TSV line where the problem was found.
+    """
+
+    def __init__(self, reason: str, detail: str, field_index: int | None = None, tsv_column: int | None = None) -> None:
+        if reason not in REJECT_REASONS:
+            raise AssertionError(f"unknown reject reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.field_index = field_index
+        self.tsv_column = tsv_column
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a kind's layout: its name, how its text is parsed, and whether it may be empty."""
+
+    name: str
+    parser: str  # text | image | objects_text | codes | nli_label | int | refs_* | det_label
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """A TSV kind: its layout, default ``--selected-cols``, and typed Parquet schema."""
+
+    name: str
+    fields: tuple[FieldSpec, ...]
+    schema: pa.Schema
+    description: str
+    # Required-field rules that depend on another field's value (vision_language rows by `type`).
+    conditional_required: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    @property
+    def default_selected_cols(self) -> tuple[int, ...]:
+        return tuple(range(len(self.fields)))
+
+
+def _text(name: str, required: bool = True) -> FieldSpec:
+    return FieldSpec(name, "text", required)
+
+
+_ANSWER_COLS = [pa.field("answers", pa.list_(pa.string())), pa.field("answer_confs", pa.list_(pa.float32()))]
+_BOX_TYPE = pa.list_(pa.float32())  # 4 values; a fixed-size list with nulls does not survive a Parquet round trip
+_DET_BOX_TYPE = pa.struct(
+    [
+        pa.field("x0", pa.float32()),
+        pa.field("y0", pa.float32()),
+        pa.field("x1", pa.float32()),
+        pa.field("y1", pa.float32()),
+        pa.field("category_id", pa.int32()),
+        pa.field("category_name", pa.string()),
+    ]
+)
+_SOURCE_LINE = pa.field("source_line", pa.int64(), nullable=False)
+
+
+def _schema(*fields: pa.Field) -> pa.Schema:
+    return pa.schema([*fields, _SOURCE_LINE])
+
+
+def _s(name: str) -> pa.Field:
+    return pa.field(name, pa.string())
+
+
+def _img(name: str = "image") -> pa.Field:
+    return pa.field(name, pa.binary())
+
+
+KINDS: dict[str, KindSpec] = {
+    spec.name: spec
+    for spec in (
+        KindSpec(
+            "vision_language",
+            (
+                _text("uniq_id"),
+                FieldSpec("image", "image"),
+                _text("caption", False),
+                _text("question", False),
+                FieldSpec("refs", "refs_vl", False),
+                _text("gt_objects", False),
+                _text("dataset_name", False),
+                FieldSpec("type", "vl_type"),
+            ),
+            _schema(
+                _s("uniq_id"),
+                _img(),
+                _s("caption"),
+                _s("question"),
+                _s("refs"),
+                _s("gt_objects"),
+                _s("dataset_name"),
+                _s("type"),
+                *_ANSWER_COLS,
+                pa.field("box", _BOX_TYPE),
+            ),
+            "pretraining image-text pairs (spec 4.2): caption / qa / visual_grounding rows",
+            {"type": {"caption": ("caption",), "qa": ("question", "refs"), "visual_grounding": ("caption", "refs")}},
+        ),
+        KindSpec(
+            "text",
+            (_text("uniq_id"), _text("text")),
+            _schema(_s("uniq_id"), _s("text")),
+            "pretraining plain text (spec 4.2)",
+        ),
+        KindSpec(
+            "image",
+            (_text("uniq_id"), FieldSpec("image", "image"), FieldSpec("code", "codes")),
+            _schema(_s("uniq_id"), _img(), pa.field("code", pa.list_(pa.int16()))),
+            "pretraining images with 256 VQ-GAN codes (spec 4.2)",
+        ),
+        KindSpec(
+            "detection",
+            (_text("uniq_id"), FieldSpec("image", "image"), FieldSpec("label", "det_label")),
+            _schema(_s("uniq_id"), _img(), _s("label"), pa.field("boxes", pa.list_(_DET_BOX_TYPE))),
+            "pretraining detection: `&&`-joined `x0,y0,x1,y1,cat_id,cat_name` boxes (spec 4.2)",
+        ),
+        KindSpec(
+            "vqa",
+            (
+                _text("question_id"),
+                _text("image_id", False),
+                _text("question"),
+                FieldSpec("refs", "refs_answers"),
+                _text("objects", False),
+                FieldSpec("image", "image"),
+            ),
+            _schema(
+                _s("question_id"), _s("image_id"), _s("question"), _s("refs"), *_ANSWER_COLS, _s("objects"), _img()
+            ),
+            "fine-tuning VQA (VQA-RAD / SLAKE / PathVQA files, spec 4.3)",
+        ),
+        KindSpec(
+            "caption",
+            (
+                _text("uniq_id"),
+                _text("image_id", False),
+                _text("caption"),
+                _text("objects", False),
+                FieldSpec("image", "image"),
+            ),
+            _schema(_s("uniq_id"), _s("image_id"), _s("caption"), _s("objects"), _img()),
+            "fine-tuning captioning (IU X-ray / Peir Gross / ROCO files, spec 4.3)",
+        ),
+        KindSpec(
+            "summarization",
+            (_text("source"), _text("target")),
+            _schema(_s("source"), _s("target")),
+            "fine-tuning summarization (MeQSum / HealthcareMagic / iCliniq, spec 4.3)",
+        ),
+        KindSpec(
+            "nli",
+            (_text("sentence1"), _text("sentence2"), FieldSpec("label", "nli_label"), _text("genre", False)),
+            _schema(_s("sentence1"), _s("sentence2"), pa.field("label", pa.int8()), _s("genre")),
+            "fine-tuning NLI (MedNLI: label 0=neutral, 1=entailment, 2=contradiction, spec 4.3)",
+        ),
+        KindSpec(
+            "classification",
+            (FieldSpec("image", "image"), FieldSpec("label_index", "int"), _text("label_name")),
+            _schema(_img(), pa.field("label_index", pa.int32()), _s("label_name")),
+            "fine-tuning image classification (MedMNIST files, spec 4.3)",
+        ),
+    )
+}
+
+
+def get_kind(name: str) -> KindSpec:
+    """Look up a kind by name; the error lists the valid choices."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown kind {name!r}; choose one of: {', '.join(KINDS)}") from None
+
+
+def parse_selected_cols(kind: KindSpec, text: str | Sequence[int | None] | None) -> tuple[int | None, ...]:
+    """Parse ``--selected-cols`` (``"0,5,2,3,4,1"``; ``-`` = field absent from the TSV) for ``kind``.
+
+    Entry ``i`` names the 0-based TSV column that feeds layout field ``i``. ``None``/empty gives the identity.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return kind.default_selected_cols
+    raw: list[str | int | None] = text.split(",") if isinstance(text, str) else list(text)
+    layout = ", ".join(f"{i}:{f.name}" for i, f in enumerate(kind.fields))
+    need = f"kind {kind.name!r} needs {len(kind.fields)} comma-separated columns, one per field ({layout})"
+    if len(raw) != len(kind.fields):
+        raise ValueError(f"--selected-cols {text!r} has {len(raw)} entries; {need}")
+    cols: list[int | None] = []
+    for spec, item in zip(kind.fields, raw):
+        if item is None or (isinstance(item, str) and item.strip() in ("-", "")):
+            if spec.required:
+                raise ValueError(f"--selected-cols: field {spec.name!r} is required and cannot be '-'; {need}")
+            cols.append(None)
+            continue
+        try:
+            col = int(item)
+        except ValueError:
+            raise ValueError(f"--selected-cols: {item!r} is not a column number; {need}") from None
+        if col < 0:
+            raise ValueError(f"--selected-cols: column {col} is negative; {need}")
+        cols.append(col)
+    return tuple(cols)
+
+
+# ------------------------------------------------------------------------------------------------ field parsers
+
+
+def decode_base64(text: str) -> bytes:
+    """Decode base64 in either alphabet (OFA decodes with ``urlsafe_b64decode``, producers write standard).
+
+    Unlike ``urlsafe_b64decode`` this rejects characters outside the alphabet instead of silently dropping them,
+    so a truncated or mangled image string is reported rather than half-decoded.
+    """
+    try:
+        return base64.b64decode(text.translate(_URLSAFE_TO_STD), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RowError("bad_base64", f"invalid base64 ({exc}; {len(text)} characters)") from None
+
+
+_URLSAFE_TO_STD = str.maketrans("-_", "+/")
+
+
+def verify_image(data: bytes) -> str:
+    """Fully decode ``data`` with PIL (``verify`` alone misses truncated JPEG scans); return the format name."""
+    from PIL import Image  # PIL import is cheap but only needed for kinds with images
+
+    if not data:
+        raise RowError("undecodable_image", "image decodes to 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format or "unknown"
+                im.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb warnings...)
+        raise RowError("undecodable_image", f"PIL cannot decode the image: {type(exc).__name__}: {exc}") from None
+    return fmt
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
+
+
+def parse_answers(text: str) -> tuple[list[str], list[float]]:
+    """Parse ``conf|!+answer&&conf|!+answer...`` into answers and confidences (order kept)."""
+    answers: list[str] = []
+    confs: list[float] = []
+    for item in text.split("&&"):
+        conf_text, sep, answer = item.partition("|!+")
+        if not sep:
+            raise RowError("malformed_answer", f"answer {item!r} lacks the `conf|!+answer` separator")
+        if not answer.strip():
+            raise RowError("malformed_answer", f"answer {item!r} has empty answer text")
+        try:
+            conf = _finite_float(conf_text)
+        except ValueError:
+            raise RowError("malformed_answer", f"confidence {conf_text!r} in {item!r} is not a number") from None
+        if conf < 0:
+            raise RowError("malformed_answer", f"confidence {conf_text!r} in {item!r} is negative")
+        answers.append(answer)
+        confs.append(conf)
+    return answers, confs
+
+
+def parse_box(parts: Sequence[str], what: str = "box") -> list[float]:
+    """Four pixel coordinates ``x0,y0,x1,y1`` with ``0 <= x0 < x1`` and ``0 <= y0 < y1``."""
+    if len(parts) != 4:
+        raise RowError("malformed_box", f"{what} needs 4 numbers x0,y0,x1,y1, got {len(parts)}")
+    try:
+        x0, y0, x1, y1 = (_finite_float(p) for p in parts)
+    except ValueError:
+        raise RowError("malformed_box", f"{what} {','.join(parts)!r} holds a non-number") from None
+    if min(x0, y0, x1, y1) < 0:
+        raise RowError("malformed_box", f"{what} {','.join(parts)!r} has a negative coordinate")
+    if x0 >= x1 or y0 >= y1:
+        raise RowError("malformed_box", f"{what} {','.join(parts)!r} is empty or inverted (need x0<x1, y0<y1)")
+    return [x0, y0, x1, y1]
+
+
+def parse_detection_label(text: str) -> list[dict[str, Any]]:
+    """``x0,y0,x1,y1,cat_id,cat_name&&...``; the name may contain commas (OFA splits with ``split(',', 5)``)."""
+    boxes = []
+    for k, item in enumerate(text.split("&&")):
+        parts = item.split(",", 5)
+        if len(parts) != 6:
+            raise RowError(
+                "malformed_detection_label", f"entry {k} {item!r} is not x0,y0,x1,y1,category_id,category_name"
+            )
+        x0, y0, x1, y1 = parse_box(parts[:4], what=f"entry {k} box")
+        try:
+            cat_id = int(parts[4])
+        except ValueError:
+            raise RowError("malformed_detection_label", f"entry {k} category id {parts[4]!r} is not an int") from None
+        if not parts[5].strip():
+            raise RowError("malformed_detection_label", f"entry {k} {item!r} has an empty category name")
+        boxes.append({"x0": x0, "y0": y0, "x1": x1, "y1": y1, "category_id": cat_id, "category_name": parts[5]})
+    return boxes
+
+
+def parse_codes(text: str) -> list[int]:
+    """256 space-separated VQ-GAN ids in ``[0, 8191]``."""
+    parts = text.split()
+    if len(parts) != NUM_IMAGE_CODES:
+        raise RowError("malformed_codes", f"expected {NUM_IMAGE_CODES} codes, got {len(parts)}")
+    codes = []
+    for part in parts:
+        try:
+            code = int(part)
+        except ValueError:
+            raise RowError("malformed_codes", f"code {part!r} is not an integer") from None
+        if not 0 <= code < CODEBOOK_SIZE:
+            raise RowError("malformed_codes", f"code {code} outside [0, {CODEBOOK_SIZE - 1}]")
+        codes.append(code)
+    return codes
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+def parse_row(
+    kind: KindSpec,
+    line: bytes,
+    selected_cols: Sequence[int | None],
+    num_cols: int,
+    source_line: int,
+) -> dict[str, Any]:
+    """Validate one TSV line (without its ``\\n``) and return its Parquet column values.
+
+    Raises :class:`RowError` on the first problem found, checking whole-line problems (blank, ``\\r``, encoding,
+    column count) before fields in layout order.
+    """
+    if not line.strip():
+        raise RowError("blank_line", "the line is empty")
+    columns = line.split(b"\t")
+    if b"\r" in line:
+        col = next(i for i, c in enumerate(columns) if b"\r" in c)
+        where = "at the end of the line (CRLF line ending)" if line.endswith(b"\r") else "inside a field"
+        raise RowError("carriage_return", f"carriage return {where}", tsv_column=col)
+    if len(columns) != num_cols:
+        raise RowError(
+            "wrong_column_count",
+            f"expected {num_cols} tab-separated columns, found {len(columns)}"
+            + (" (a stray tab inside a field shows up this way)" if len(columns) > num_cols else ""),
+        )
+    texts: list[str] = []
+    for fi, col in enumerate(selected_cols):
+        if col is None:
+            texts.append("")
+            continue
+        try:
+            texts.append(columns[col].decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RowError("bad_encoding", f"not valid UTF-8 ({exc.reason} at byte {exc.start})", fi, col) from None
+
+    out: dict[str, Any] = {}
+    values = dict(zip(kind.field_names, texts))
+    for fi, (spec, text) in enumerate(zip(kind.fields, texts)):
+        col = selected_cols[fi]
+        required = spec.required or any(
+            spec.name in names.get(values.get(key, ""), ()) for key, names in kind.conditional_required.items()
+        )
+        if required and not text.strip():
+            raise RowError("empty_required_field", f"field {spec.name!r} is empty", fi, col)
+        try:
+            _parse_field(kind, spec, text, values, out)
+        except RowError as err:
+            err.field_index, err.tsv_column = fi, col
+            raise
+    out["source_line"] = source_line
+    return out
+
+
+def _parse_field(kind: KindSpec, spec: FieldSpec, text: str, values: dict[str, str], out: dict[str, Any]) -> None:
+    p = spec.parser
+    if p == "text":
+        out[spec.name] = text
+    elif p == "image":
+        data = decode_base64(text.strip())
+        verify_image(data)
+        out[spec.name] = data
+    elif p == "codes":
+        out[spec.name] = parse_codes(text)
+    elif p == "nli_label":
+        if text.strip() not in ("0", "1", "2"):
+            raise RowError("bad_label", f"nli label {text!r} is not 0 (neutral), 1 (entailment) or 2 (contradiction)")
+        out[spec.name] = int(text)
+    elif p == "int":
+        try:
+            value = int(text)
+        except ValueError:
+            raise RowError("bad_label", f"{spec.name} {text!r} is not an integer") from None
+        if value < 0 or value >= 2**31:
+            raise RowError("bad_label", f"{spec.name} {value} is out of range")
+        out[spec.name] = value
+    elif p == "vl_type":
+        if text not in VL_TYPES:
+            raise RowError("bad_type", f"type {text!r} is not one of {', '.join(VL_TYPES)}")
+        out[spec.name] = text
+    elif p == "refs_answers":
+        out[spec.name] = text
+        out["answers"], out["answer_confs"] = parse_answers(text)
+    elif p == "refs_vl":
+        # What refs means depends on the row type (spec 4.2): answers for qa, a box for visual_grounding.
+        out[spec.name] = text
+        out["answers"], out["answer_confs"], out["box"] = [], [], None
+        row_type = values.get("type", "")
+        if row_type == "qa":
+            out["answers"], out["answer_confs"] = parse_answers(text)
+        elif row_type == "visual_grounding":
+            out["box"] = parse_box(text.split(","))
+    elif p == "det_label":
+        out[spec.name] = text
+        out["boxes"] = parse_detection_label(text)
+    else:  # pragma: no cover - a layout typo, not a data problem
+        raise AssertionError(f"{kind.name}.{spec.name}: unknown parser {p!r}")

@@ -1,0 +1,240 @@
+"""Row parsing and validation (biomedgpt.data.schema): every reject reason, field parsers, layouts."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from biomedgpt.data.schema import (
+    KINDS,
+    REJECT_REASONS,
+    RowError,
+    decode_base64,
+    get_kind,
+    parse_answers,
+    parse_box,
+    parse_codes,
+    parse_detection_label,
+    parse_row,
+    parse_selected_cols,
+    verify_image,
+)
+
+
+def _row(kind: str, fields: list[str], cols: Any = None, num_cols: int | None = None, line: int = 7) -> dict:
+    spec = get_kind(kind)
+    selected = parse_selected_cols(spec, cols)
+    return parse_row(spec, "\t".join(fields).encode(), selected, num_cols or len(fields), line)
+
+
+def _reject(kind: str, line: bytes | list[str], cols: Any = None, num_cols: int | None = None) -> RowError:
+    spec = get_kind(kind)
+    selected = parse_selected_cols(spec, cols)
+    raw = line if isinstance(line, bytes) else "\t".join(line).encode()
+    with pytest.raises(RowError) as info:
+        parse_row(spec, raw, selected, num_cols or len(spec.fields), 1)
+    return info.value
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+
+
+def test_every_kind_has_a_typed_schema_with_source_line() -> None:
+    assert set(KINDS) == {
+        "vision_language",
+        "text",
+        "image",
+        "detection",
+        "vqa",
+        "caption",
+        "summarization",
+        "nli",
+        "classification",
+    }
+    for spec in KINDS.values():
+        names = spec.schema.names
+        assert names[-1] == "source_line" and spec.schema.field("source_line").type == pa.int64()
+        for f in spec.fields:  # every layout field is a column under its original name
+            assert f.name in names
+        if "image" in names:
+            assert spec.schema.field("image").type == pa.binary()
+    assert KINDS["image"].schema.field("code").type == pa.list_(pa.int16())
+    assert KINDS["nli"].schema.field("label").type == pa.int8()
+    assert KINDS["classification"].schema.field("label_index").type == pa.int32()
+
+
+def test_get_kind_lists_choices() -> None:
+    with pytest.raises(ValueError, match="unknown kind 'vq'.*vision_language.*classification"):
+        get_kind("vq")
+
+
+def test_selected_cols_parsing_and_errors() -> None:
+    vqa = get_kind("vqa")
+    assert parse_selected_cols(vqa, None) == (0, 1, 2, 3, 4, 5)
+    assert parse_selected_cols(vqa, "0,-,2,3,4,5") == (0, None, 2, 3, 4, 5)
+    assert parse_selected_cols(vqa, [5, 4, 3, 2, 1, 0]) == (5, 4, 3, 2, 1, 0)
+    with pytest.raises(ValueError, match=r"has 5 entries; kind 'vqa' needs 6 .*0:question_id, 1:image_id"):
+        parse_selected_cols(vqa, "0,5,2,3,4")
+    with pytest.raises(ValueError, match="'question' is required"):
+        parse_selected_cols(vqa, "0,1,-,3,4,5")
+    with pytest.raises(ValueError, match="'x' is not a column number"):
+        parse_selected_cols(vqa, "0,1,x,3,4,5")
+    with pytest.raises(ValueError, match="negative"):
+        parse_selected_cols(vqa, "0,1,-2,3,4,5")
+
+
+# ------------------------------------------------------------------------------------------------ field parsers
+
+
+def test_base64_accepts_both_alphabets_and_rejects_garbage() -> None:
+    data = bytes(range(256)) * 3  # contains bytes that encode to + / and - _
+    assert decode_base64(base64.b64encode(data).decode()) == data
+    assert decode_base64(base64.urlsafe_b64encode(data).decode()) == data
+    for bad in ("abc", "ab$=", "YWJj\nZA==", "Y W J j"):
+        with pytest.raises(RowError) as info:
+            decode_base64(bad)
+        assert info.value.reason == "bad_base64"
+
+
+def test_verify_image(tsvkit: Any) -> None:
+    assert verify_image(tsvkit.image_bytes(3)) == "PNG"
+    assert verify_image(tsvkit.image_bytes(3, size=32, fmt="JPEG")) == "JPEG"
+    for bad in (b"", b"not an image at all", tsvkit.image_bytes(3, size=64, fmt="JPEG")[:300]):
+        with pytest.raises(RowError) as info:
+            verify_image(bad)
+        assert info.value.reason == "undecodable_image"
+
+
+def test_parse_answers() -> None:
+    assert parse_answers("1|!+yes") == (["yes"], [1.0])
+    assert parse_answers("0.6|!+left lung&&0.3|!+lung") == (["left lung", "lung"], [0.6, 0.3])
+    assert parse_answers("1|!+a|b") == (["a|b"], [1.0])
+    for bad in ("yes", "x|!+yes", "1|!+", "nan|!+yes", "-1|!+yes", "1|!+yes&&"):
+        with pytest.raises(RowError) as info:
+            parse_answers(bad)
+        assert info.value.reason == "malformed_answer", bad
+
+
+def test_parse_box() -> None:
+    assert parse_box(["1", "2", "3.5", "4"]) == [1.0, 2.0, 3.5, 4.0]
+    for bad in ("1,2,3", "1,2,3,4,5", "a,2,3,4", "-1,2,3,4", "3,2,1,4", "1,4,3,4", "1,2,inf,4"):
+        with pytest.raises(RowError) as info:
+            parse_box(bad.split(","))
+        assert info.value.reason == "malformed_box", bad
+
+
+def test_parse_detection_label() -> None:
+    boxes = parse_detection_label("1,2,10,12,3,liver&&0,0,5,6,-1,bone, left")
+    assert boxes[1] == {"x0": 0.0, "y0": 0.0, "x1": 5.0, "y1": 6.0, "category_id": -1, "category_name": "bone, left"}
+    assert len(boxes) == 2 and boxes[0]["category_name"] == "liver"
+    assert pytest.raises(RowError, parse_detection_label, "1,2,10,12,3").value.reason == "malformed_detection_label"
+    assert pytest.raises(RowError, parse_detection_label, "1,2,10,12,x,a").value.reason == "malformed_detection_label"
+    assert pytest.raises(RowError, parse_detection_label, "1,2,10,12,3,").value.reason == "malformed_detection_label"
+    assert pytest.raises(RowError, parse_detection_label, "9,2,1,12,3,a").value.reason == "malformed_box"
+
+
+def test_parse_codes(tsvkit: Any) -> None:
+    codes = parse_codes(tsvkit.CODES)
+    assert len(codes) == 256 and codes[1] == 37
+    for bad in (" ".join(["1"] * 255), " ".join(["1"] * 257), " ".join(["8192"] * 256), " ".join(["x"] * 256)):
+        with pytest.raises(RowError) as info:
+            parse_codes(bad)
+        assert info.value.reason == "malformed_codes"
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_good_rows_parse_to_their_schema(kind: str, tsvkit: Any) -> None:
+    spec = get_kind(kind)
+    rows = [_row(kind, tsvkit.good_row(kind, i), line=i + 1) for i in range(3)]
+    table = pa.Table.from_pylist(rows, schema=spec.schema)  # values fit the declared types
+    assert table.column("source_line").to_pylist() == [1, 2, 3]
+    if "image" in spec.schema.names:
+        assert rows[1]["image"] == tsvkit.image_bytes(1)  # raw encoded bytes, not base64 text
+
+
+def test_vision_language_refs_depend_on_type(tsvkit: Any) -> None:
+    cap, qa, vg = (_row("vision_language", tsvkit.good_row("vision_language", i)) for i in range(3))
+    assert cap["answers"] == [] and cap["box"] is None and cap["gt_objects"] == "lung&&heart"
+    assert qa["answers"] == ["yes", "no"] and qa["answer_confs"] == [1.0, 0.5] and qa["refs"] == "1.0|!+yes&&0.5|!+no"
+    assert vg["box"] == [1.0, 2.0, 30.5, 40.0] and vg["answers"] == []
+    # Required fields depend on the type.
+    bad_qa = tsvkit.good_row("vision_language", 1)
+    bad_qa[4] = ""
+    err = _reject("vision_language", bad_qa)
+    assert (err.reason, err.tsv_column) == ("empty_required_field", 4)
+    bad_vg = tsvkit.good_row("vision_language", 2)
+    bad_vg[4] = "1,2,3"
+    assert _reject("vision_language", bad_vg).reason == "malformed_box"
+    bad_type = tsvkit.good_row("vision_language", 0)
+    bad_type[7] = "captions"
+    assert _reject("vision_language", bad_type).reason == "bad_type"
+
+
+def test_selected_cols_reorder_and_absent_fields(tsvkit: Any) -> None:
+    q = tsvkit.good_row("vqa", 4)
+    # The file in OFA's VQA order with the image moved first; map it back into the layout.
+    reordered = [q[5], q[0], q[1], q[2], q[3], q[4]]
+    assert _row("vqa", reordered, cols="1,2,3,4,5,0") == _row("vqa", q)
+    # A caption file without image_id/objects columns: uniq_id, image, caption.
+    c = tsvkit.good_row("caption", 2)
+    row = _row("caption", [c[0], c[4], c[2]], cols="0,-,2,-,1")
+    assert row["image_id"] == "" and row["objects"] == "" and row["caption"] == c[2] and row["image"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "mutate", "reason", "column"),
+    [
+        ("text", lambda r: b"", "blank_line", None),
+        ("text", lambda r: b"   ", "blank_line", None),
+        ("text", lambda r: "\t".join(r).encode() + b"\r", "carriage_return", 2),
+        ("caption", lambda r: "\t".join(r[:2] + ["a\rb"] + r[3:]).encode(), "carriage_return", 3),
+        ("caption", lambda r: "\t".join(r[:2] + ["a\tb"] + r[3:]).encode(), "wrong_column_count", None),
+        ("caption", lambda r: "\t".join(r[:-1]).encode(), "wrong_column_count", None),
+        ("text", lambda r: r[0].encode() + b"\t\xff\xfe", "bad_encoding", 2),
+        ("caption", lambda r: "\t".join(r[:4] + ["@@@"]).encode(), "bad_base64", 5),
+        (
+            "caption",
+            lambda r: "\t".join(r[:4] + [base64.b64encode(b"GIF89a-broken").decode()]).encode(),
+            "undecodable_image",
+            5,
+        ),
+        ("vqa", lambda r: "\t".join(r[:3] + ["yes"] + r[4:]).encode(), "malformed_answer", 4),
+        ("vqa", lambda r: "\t".join(r[:3] + ["high|!+yes"] + r[4:]).encode(), "malformed_answer", 4),
+        ("image", lambda r: "\t".join(r[:2] + ["1 2 3"]).encode(), "malformed_codes", 3),
+        ("detection", lambda r: "\t".join(r[:2] + ["1,2,3,4,x,liver"]).encode(), "malformed_detection_label", 3),
+        ("detection", lambda r: "\t".join(r[:2] + ["1,2,-3,4,1,liver"]).encode(), "malformed_box", 3),
+        ("nli", lambda r: "\t".join(r[:2] + ["entailment", r[3]]).encode(), "bad_label", 3),
+        ("nli", lambda r: "\t".join(r[:2] + ["3", r[3]]).encode(), "bad_label", 3),
+        ("classification", lambda r: "\t".join([r[0], "one", r[2]]).encode(), "bad_label", 2),
+        ("summarization", lambda r: ("\t" + r[1]).encode(), "empty_required_field", 1),
+        ("vqa", lambda r: "\t".join(r[:2] + [" "] + r[3:]).encode(), "empty_required_field", 3),
+    ],
+)
+def test_each_reject_reason(kind: str, mutate: Any, reason: str, column: int | None, tsvkit: Any) -> None:
+    err = _reject(kind, mutate(tsvkit.good_row(kind, 1)))
+    assert err.reason == reason
+    assert (None if err.tsv_column is None else err.tsv_column + 1) == column
+    assert err.detail
+
+
+def test_stray_tab_detail_and_reason_list() -> None:
+    err = _reject("summarization", b"a\tb\tc")
+    assert err.reason == "wrong_column_count" and "stray tab" in err.detail
+    assert len(set(REJECT_REASONS)) == len(REJECT_REASONS)
+    with pytest.raises(AssertionError):
+        RowError("no_such_reason", "x")
+
+
+def test_optional_fields_may_be_empty(tsvkit: Any) -> None:
+    q = tsvkit.good_row("vqa", 0)
+    q[1] = q[4] = ""
+    assert _row("vqa", q)["objects"] == ""
+    n = tsvkit.good_row("nli", 2)
+    n[3] = ""
+    assert _row("nli", n)["label"] == 2
