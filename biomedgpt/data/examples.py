@@ -42,6 +42,8 @@ class Example:
     sample_id: str = ""
     # Per target position, the token ids a trie allows there (None: any token), for trie-constrained training.
     allowed_tokens: list[list[int] | None] | None = None
+    # Image patches the encoder keeps (pretraining samples 196 per image), drawn from the sample's own seed.
+    patch_indices: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,6 +106,11 @@ def collate(
         "sample_ids": [ex.sample_id for ex in examples],
     }
     batch["ntokens"] = int(batch["target"].ne(pad_id).sum())
+    patch_indices = [ex.patch_indices for ex in examples]
+    if all(p is not None for p in patch_indices):
+        if len({len(p) for p in patch_indices}) > 1:  # type: ignore[arg-type]
+            raise ValueError("examples of one sub-batch must keep the same number of image patches")
+        batch["patch_indices"] = torch.from_numpy(np.stack(patch_indices)).long()  # type: ignore[arg-type]
     if any(ex.allowed_tokens is not None for ex in examples):
         if vocab_size is None:
             raise ValueError("vocab_size is needed to build constraint masks")
