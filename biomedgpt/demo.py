@@ -1,15 +1,21 @@
-"""End-to-end demo of what exists so far: tokenizer, model, generation, save/load.
+"""End-to-end demo on a CPU: sample corpus -> Parquet shards -> ZeRO-3 pretraining on 2 ranks -> MLflow.
 
-Run with ``make demo`` (or ``python -m biomedgpt.demo [--out DIR]``). The model is freshly initialised, so its
-words are random; the point is that every piece runs on a CPU: real CT and MR slices in, beam search,
-answer-constrained VQA decoding and all-candidate scoring out, then a save/load round trip.
+Run with ``make demo`` (or ``python -m biomedgpt.demo [--out DIR] [--steps N]``). Steps:
+1. a tour of the model: a freshly initialised tiny model reads real CT and MR slices and writes (random) words
+   with beam search, answer-constrained decoding and all-candidate scoring, then survives a save/load round trip;
+2. the sample corpus in BiomedGPT's TSV formats, converted to Parquet shards for mosaicml-streaming;
+3. pretraining of the tiny model with DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), logged to MLflow (``mlruns.db``);
+4. where the checkpoint and the MLflow run are, and what to run next.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom.data
 import torch
@@ -32,7 +38,7 @@ IMAGE_SIZE = 256
 PROMPTS = [" what does the image describe?", " is there a lesion in the image?"]
 
 
-def run_demo(out_dir: Path, console: Console) -> Path:
+def model_tour(out_dir: Path, console: Console) -> Path:
     torch.manual_seed(0)
     tokenizer = BiomedGPTTokenizer.default()
     console.print(f"[bold]Tokenizer[/bold]: {tokenizer!r}")
@@ -94,16 +100,112 @@ def run_demo(out_dir: Path, console: Console) -> Path:
     return model_dir
 
 
+PRETRAINING_KINDS = ("vision_language", "text", "image", "detection")
+FINETUNE_KINDS = ("vqa", "caption", "summarization", "nli", "classification")
+
+
+def prepare_demo_data(root: Path, rows: int = 64, seed: int = 0, image_size: int = 96) -> dict[str, Path]:
+    """Write the sample corpus under ``root/corpus`` and convert every file into ``root/converted/<name>``."""
+    from biomedgpt.data.convert import convert
+    from biomedgpt.data.sample_corpus import write_sample_corpus
+
+    corpus = root / "corpus"
+    write_sample_corpus(corpus, rows=rows, seed=seed, image_size=image_size)
+    converted: dict[str, Path] = {}
+    jobs = [(kind, kind) for kind in PRETRAINING_KINDS]
+    jobs += [(kind, f"{kind}_{split}") for kind in FINETUNE_KINDS for split in ("train", "val", "test")]
+    for kind, name in jobs:
+        out = root / "converted" / name
+        summary = convert(str(corpus / f"{name}.tsv"), kind, str(out), overwrite=True)
+        if summary.rows_rejected:
+            raise RuntimeError(f"{name}: {summary.rows_rejected} sample rows rejected; see {out}/rejects.jsonl")
+        converted[name] = out
+    return converted
+
+
+def demo_overrides(root: Path, steps: int) -> list[str]:
+    converted = root / "converted"
+    overrides = [f"data.{kind}={converted / kind}" for kind in PRETRAINING_KINDS]
+    return overrides + [
+        f"data.negative_samples={root / 'corpus' / 'negative_sample'}",
+        f"checkpoint.dir={root / 'checkpoints'}",
+        f"optim.max_steps={steps}",
+    ]
+
+
+def launch_training(root: Path, steps: int, console: Console, nproc: int = 2) -> int:
+    """torchrun with ``nproc`` CPU ranks running ``biomedgpt-train --config demo``."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        "-m",
+        "biomedgpt.train",
+        "--config",
+        "demo",
+        *demo_overrides(root, steps),
+    ]
+    console.print(f"[bold]Pretraining[/bold] (ZeRO-3, {nproc} CPU ranks): {' '.join(command[2:])}")
+    return subprocess.call(command)
+
+
+def latest_run(experiment: str, tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="where to write the model (demo_out)")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out)")
+    parser.add_argument("--steps", type=int, default=30, help="pretraining steps (default 30)")
+    parser.add_argument("--skip-tour", action="store_true", help="skip step 1 (the untrained model tour)")
     args = parser.parse_args(argv)
     console = Console()
-    model_dir = run_demo(args.out, console)
+    root = args.out.resolve()
+    if not args.skip_tour:
+        console.rule("1. the model")
+        model_tour(root, console)
+    console.rule("2. sample corpus -> Parquet shards")
+    converted = prepare_demo_data(root)
+    console.print(f"wrote {root / 'corpus'} and converted {len(converted)} files into {root / 'converted'}")
+    console.rule("3. pretraining")
+    shutil.rmtree(root / "checkpoints", ignore_errors=True)  # the demo starts fresh; real jobs resume
+    code = launch_training(root, args.steps, console)
+    if code != 0:
+        console.print(f"[red]training failed with exit code {code}[/red]")
+        return code
+    console.rule("4. results")
+    from biomedgpt.tracking import default_tracking_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    run = latest_run("biomedgpt-demo", uri)
+    checkpoints = root / "checkpoints"
+    console.print(f"checkpoints: {checkpoints} (latest: {(checkpoints / 'latest').read_text().strip()})")
+    console.print(f"metrics log: {checkpoints / 'metrics.jsonl'}")
+    if run is not None:
+        loss = run.data.metrics.get("loss")
+        console.print(f"MLflow run: {run.info.run_id} ({run.info.status}, final loss {loss:.4f}) in {uri}")
     console.print(
-        "\nNext: load it with [cyan]BiomedGPTForConditionalGeneration.from_pretrained"
-        f"('{model_dir}')[/cyan]; train your own tokenizer with [cyan]biomedgpt-tokenizer train --input "
-        "corpus.txt --vocab-size 8000 --out my_tokenizer[/cyan]; run the tests with [cyan]make test[/cyan]."
+        "\nNext:\n"
+        f"  mlflow ui --backend-store-uri {uri}      # browse the run\n"
+        f"  torchrun --nproc_per_node 2 -m biomedgpt.train --config demo {' '.join(demo_overrides(args.out, 60))}"
+        "   # continue to 60 steps from the checkpoint\n"
+        "  biomedgpt-train --config demo --dry-run     # resolved config, DeepSpeed config, memory estimate"
     )
     return 0
 

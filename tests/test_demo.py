@@ -1,13 +1,13 @@
 from rich.console import Console
 
 from biomedgpt import BiomedGPTForConditionalGeneration
-from biomedgpt.demo import run_demo
+from biomedgpt.demo import model_tour
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 
 def test_demo_writes_a_loadable_model_and_tokenizer(tmp_path):
     console = Console(record=True, width=200)
-    model_dir = run_demo(tmp_path, console)
+    model_dir = model_tour(tmp_path, console)
     output = console.export_text()
     assert "CT_small.dcm" in output and "MR_small.dcm" in output
     assert "identical logits" in output

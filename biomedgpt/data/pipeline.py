@@ -166,6 +166,9 @@ class PretrainCollator:
         if not image_text:
             raise ValueError("a pretraining micro-batch needs at least one vision-language row")
         return {
+            # First, so that StreamingDataLoader counts rows (it takes len() of a dict batch's first value) and
+            # its state_dict resumes at the right sample.
+            "rows": len(rows) * [None],
             "v1": collate(image_text, self.pad_id),
             "v2": collate(auxiliary, self.pad_id, image_size=self.auxiliary_image_size),
         }

@@ -196,3 +196,17 @@ def test_summarization_decoder_noise_only_in_training(corpus, tokenizer):
     assert np.array_equal(noisy.target, clean.target)
     assert not np.array_equal(noisy.prev_output, clean.prev_output)
     assert np.array_equal(clean.prev_output[1:], clean.target[:-1])
+
+
+def test_pretrain_collator_batches_count_rows_for_streaming_resumption(corpus, builder, tokenizer):
+    from streaming import StreamingDataLoader
+
+    from biomedgpt.data.pipeline import PretrainCollator
+
+    rows = read_rows(corpus / "vision_language.tsv", "vision_language")[:3]
+    per_row = [builder.from_vision_language(row, rng_for(0, 0, i)) for i, row in enumerate(rows)]
+    batch = PretrainCollator(tokenizer.pad_id)(per_row)
+    # StreamingDataLoader.state_dict() counts what it yielded with this; it must be rows, not examples.
+    assert StreamingDataLoader._get_batch_size(None, batch) == 3
+    assert batch["v1"]["input_ids"].shape[0] == 6
+    assert batch["v2"]["tasks"] == ["placeholder"] and batch["v2"]["ntokens"] == 0

@@ -1,0 +1,130 @@
+"""Checkpoints that survive preemption: every rank saves, ``latest`` moves only once all ranks are done, the last
+K are kept, and a partial or corrupt checkpoint is skipped in favour of the previous one.
+
+Layout of ``CKPT_DIR``::
+
+    step_00000050/            DeepSpeed's files for this tag (ZeRO shards, model states)
+        rng_rank00000.pt      this rank's RNG states (dropout must replay exactly after a restart)
+        COMPLETE              written by rank 0 after every rank finished; holds step and time
+    latest                    name of the newest complete tag (written last, atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE_MARKER = "COMPLETE"
+LATEST_FILE = "latest"
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of_tag(tag: str) -> int | None:
+    match = TAG_PATTERN.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def complete_tags(checkpoint_dir: str | Path) -> list[str]:
+    """Tags with a completion marker, newest first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and step_of_tag(p.name) is not None]
+    tags = [t for t in tags if (root / t / COMPLETE_MARKER).is_file()]
+    return sorted(tags, key=lambda t: step_of_tag(t) or 0, reverse=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def save_checkpoint(
+    engine: Any, checkpoint_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int, rank: int
+) -> Path:
+    """Collective: every rank calls it. Returns the tag's directory."""
+    root = Path(checkpoint_dir)
+    tag = tag_for_step(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
+    _barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if rank == 0:
+        (root / tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        tmp = root / (LATEST_FILE + ".tmp")
+        tmp.write_text(tag)
+        tmp.replace(root / LATEST_FILE)
+        for old in complete_tags(root)[keep_last:]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    _barrier()
+    return root / tag
+
+
+def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -> dict[str, Any] | None:
+    """Collective: load the newest complete checkpoint every rank can read; None when there is none.
+
+    The returned client state carries this rank's RNG states under ``rng_state`` (see :func:`set_rng_state`).
+
+    A checkpoint that fails to load on any rank (truncated file, missing shard) is skipped with a warning and the
+    previous one is tried, so a crash during a save costs one interval, not the run.
+    """
+    for tag in complete_tags(checkpoint_dir):
+        directory = Path(checkpoint_dir) / tag
+        error: Exception | None = None
+        client_state: dict[str, Any] | None = None
+        try:
+            load_path, client_state = engine.load_checkpoint(
+                str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            ok = load_path is not None and client_state is not None
+            rng_file = directory / f"rng_rank{rank:05d}.pt"
+            if ok and rng_file.is_file():
+                # Applied by the caller just before the next step: building the data iterator draws from the RNG.
+                client_state["rng_state"] = torch.load(rng_file, weights_only=False)
+        except Exception as exc:  # a corrupt checkpoint shows up as any of torch.load's errors
+            ok, error = False, exc
+        if _all_ranks_ok(ok):
+            return client_state
+        if rank == 0:
+            warnings.warn(
+                f"checkpoint {directory} could not be loaded ({error or 'incomplete on some rank'}); "
+                "trying the previous one",
+                stacklevel=2,
+            )
+    return None

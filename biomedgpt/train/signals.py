@@ -1,0 +1,56 @@
+"""Stop requests (SIGTERM, SIGUSR1 = SLURM's warning signal, a wall-clock budget) agreed on by all ranks.
+
+A signal may reach only some ranks (SLURM signals the batch shell or each task); the flag is all-reduced once per
+step so every rank stops at the same step, saves, and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopController:
+    def __init__(self, wall_clock_minutes: float | None = None) -> None:
+        self.started = time.monotonic()
+        self.budget_seconds = None if wall_clock_minutes is None else wall_clock_minutes * 60.0
+        self.received: int | None = None
+        self.reason: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopController:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def local_request(self) -> str | None:
+        if self.received is not None:
+            return f"received {signal.Signals(self.received).name}"
+        if self.budget_seconds is not None and time.monotonic() - self.started >= self.budget_seconds:
+            return f"wall-clock budget of {self.budget_seconds / 60:.1f} min reached"
+        return None
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank when any rank was asked to stop."""
+        local = self.local_request()
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.reason = local or "another rank was asked to stop"
+            return True
+        return False
