@@ -5,7 +5,8 @@ Run with ``make demo`` (or ``python -m biomedgpt.demo [--out DIR] [--steps N]``)
    with beam search, answer-constrained decoding and all-candidate scoring, then survives a save/load round trip;
 2. the sample corpus in BiomedGPT's TSV formats, converted to Parquet shards for mosaicml-streaming;
 3. pretraining of the tiny model with DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), logged to MLflow (``mlruns.db``);
-4. where the checkpoint and the MLflow run are, and what to run next.
+4. where the checkpoint and the MLflow run are, the checkpoint consolidated into a Hugging Face directory
+   (``demo_out/model``), and what to run next.
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]training failed with exit code {code}[/red]")
         return code
     console.rule("4. results")
+    from biomedgpt.checkpoint.consolidate import consolidate_checkpoint
     from biomedgpt.tracking import default_tracking_uri
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
@@ -200,12 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     if run is not None:
         loss = run.data.metrics.get("loss")
         console.print(f"MLflow run: {run.info.run_id} ({run.info.status}, final loss {loss:.4f}) in {uri}")
+    consolidated = consolidate_checkpoint(checkpoints, root / "model", overwrite=True, progress=False)
+    console.print(f"consolidated: {consolidated.summary()}", soft_wrap=True)
     console.print(
         "\nNext:\n"
-        f"  mlflow ui --backend-store-uri {uri}      # browse the run\n"
+        f"  mlflow ui --backend-store-uri {uri}   # browse the run\n"
+        f"  biomedgpt-consolidate {args.out / 'checkpoints'} {args.out / 'model'} --overwrite --verify"
+        "   # ZeRO shards -> Hugging Face directory\n"
+        "  biomedgpt-compare demo-tiny --metrics loss lr --plot demo_out/loss.png   # runs side by side\n"
         f"  torchrun --nproc_per_node 2 -m biomedgpt.train --config demo {' '.join(demo_overrides(args.out, 60))}"
         "   # continue to 60 steps from the checkpoint\n"
-        "  biomedgpt-train --config demo --dry-run     # resolved config, DeepSpeed config, memory estimate"
+        "  biomedgpt-train --config demo --dry-run   # resolved config, DeepSpeed config, memory estimate",
+        soft_wrap=True,
     )
     return 0
 
