@@ -172,3 +172,19 @@ def test_sigterm_saves_exits_zero_and_the_next_start_resumes(data_root, tmp_path
     assert max(losses(run_dir)) == stopped_at + 2
     runs = runs_of(run_dir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_deepspeed_launcher_runs_the_same_entry_point(data_root, tmp_path):
+    # The deepspeed launcher exports LOCAL_SIZE, not LOCAL_WORLD_SIZE; the entry point maps it for streaming.
+    run_dir = tmp_path / "deepspeed_launcher"
+    run_dir.mkdir()
+    overrides = demo_overrides(data_root, 2) + [f"checkpoint.dir={run_dir / 'ckpt'}", *SMALL]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run(
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "biomedgpt.train",
+         "--config", "demo", *overrides],
+        env=environment(run_dir), cwd=run_dir, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(losses(run_dir)) == [1, 2]
+    assert runs_of(run_dir)[0].data.params["world_size"] == "2"
