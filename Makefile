@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m biomedgpt.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check biomedgpt tests tools
+	$(VENV)/bin/ruff check biomedgpt tests slurm benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,33 @@
+"""A real single-node SLURM cluster on localhost (``scripts/slurm_localhost.sh``) for the sbatch template tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm_localhost.sh"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slurm: submits jobs to a local SLURM cluster (scripts/slurm_localhost.sh)")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """Start (or reuse) the local cluster; skip with the reason when it cannot be started here."""
+    if os.environ.get("BIOMEDGPT_SKIP_SLURM"):
+        pytest.skip("BIOMEDGPT_SKIP_SLURM is set")
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (scripts/slurm_localhost.sh installs and starts daemons)")
+    if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
+        pytest.skip("no SLURM (sbatch) and no apt-get to install slurm-wlm")
+    proc = subprocess.run(["bash", str(CLUSTER_SCRIPT)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.skip(f"scripts/slurm_localhost.sh could not start SLURM: {proc.stderr.strip()[-1500:]}")
+    partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()
+    return partition[0].rstrip("*") if partition else "debug"

@@ -1,0 +1,169 @@
+"""slurm/pretrain.sbatch submitted with ``sbatch`` to a real SLURM (a single-node cluster on localhost).
+
+A tiny 2-rank CPU job (``--gpus-per-node=0``, ``CPU_PROCS_PER_NODE=2``) goes through the same path a GPU job does:
+batch shell -> srun (one task per node) -> torchrun (c10d rendezvous on the first node) -> ranks. The preemption
+test sends SIGUSR1 to the batch shell, as ``#SBATCH --signal=B:USR1@N`` does before the time limit, and checks that
+the job checkpoints, requeues itself, resumes and finishes in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from biomedgpt.demo import demo_overrides, prepare_demo_data
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "slurm" / "pretrain.sbatch"
+SMALL = [
+    "data.patch_image_size=64",
+    "data.sample_patch_num=8",
+    "batch.global_batch_size=4",
+    "batch.micro_batch_size=2",
+    "log_every_steps=1",
+    "tracking.system_metrics=false",
+]
+DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slurm_data")
+    prepare_demo_data(root, rows=16, image_size=64)
+    return root
+
+
+def submit(run_dir: Path, data_root: Path, partition: str, steps: int, every: int) -> str:
+    """``sbatch slurm/pretrain.sbatch`` from ``run_dir`` with the template's variables in the environment."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    overrides = [o for o in demo_overrides(data_root, steps) if not o.startswith("checkpoint.dir=")]
+    env = dict(os.environ)
+    env.update(
+        CONFIG="demo",
+        OVERRIDES=" ".join([*overrides, *SMALL, f"checkpoint.every_steps={every}"]),
+        CHECKPOINT_DIR=str(run_dir / "ckpt"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{run_dir / 'mlruns.db'}",
+        CPU_PROCS_PER_NODE="2",
+    )
+    command = [
+        "sbatch", "--parsable", f"--partition={partition}", "--gpus-per-node=0", "--cpus-per-task=2", "--time=20",
+        "--job-name=biomedgpt-test", str(TEMPLATE),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def log_of(run_dir: Path, job_id: str) -> str:
+    path = run_dir / "logs" / f"biomedgpt-test-{job_id}.out"
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def wait_for_job(run_dir: Path, job_id: str, timeout: float = 420) -> dict[str, str]:
+    """Poll ``scontrol show job`` (no accounting needed) until the job ends; a requeued job is started at once
+    instead of after SLURM's ~2 minute requeue delay (BeginTime)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = job_fields(job_id)
+        state = fields.get("JobState", "")
+        if state in DONE_STATES:
+            return fields
+        if state == "PENDING" and fields.get("Reason") == "BeginTime" and int(fields.get("Restarts", "0")) > 0:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+        time.sleep(2)
+    subprocess.run(["scancel", job_id], capture_output=True)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s; log:\n{log_of(run_dir, job_id)[-4000:]}")
+
+
+def wait_for_step(run_dir: Path, job_id: str, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "ckpt" / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.is_file() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines() if x):
+            return
+        if job_fields(job_id).get("JobState") in DONE_STATES:
+            raise AssertionError(f"job ended before step {step}:\n{log_of(run_dir, job_id)[-4000:]}")
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], capture_output=True)
+    raise AssertionError(f"step {step} not reached in {timeout} s:\n{log_of(run_dir, job_id)[-4000:]}")
+
+
+def logged_steps(run_dir: Path) -> set[int]:
+    return {json.loads(x)["step"] for x in (run_dir / "ckpt" / "metrics.jsonl").read_text().splitlines() if x}
+
+
+def mlflow_runs(run_dir: Path) -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("biomedgpt-demo")
+    assert experiment is not None
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_pretrain_sbatch_runs_to_the_end(slurm_cluster, data_root, tmp_path):
+    job_id = submit(tmp_path, data_root, slurm_cluster, steps=4, every=2)
+    fields = wait_for_job(tmp_path, job_id)
+    log = log_of(tmp_path, job_id)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
+    assert "1 node(s) x 2 rank(s)" in log
+    assert "training finished at step 4" in log
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000004"
+    assert (tmp_path / "ckpt" / "step_00000004" / "COMPLETE").is_file()
+    assert logged_steps(tmp_path) == {1, 2, 3, 4}
+
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id == (tmp_path / "ckpt" / "mlflow_run_id").read_text().strip()
+    assert run.data.params["world_size"] == "2"
+    assert run.data.tags["slurm.job_id"] == job_id
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == {1, 2, 3, 4}
+
+
+def test_usr1_checkpoints_requeues_and_resumes_in_the_same_mlflow_run(slurm_cluster, data_root, tmp_path):
+    steps = 5
+    job_id = submit(tmp_path, data_root, slurm_cluster, steps=steps, every=100)  # only the signal's checkpoint
+    try:
+        wait_for_step(tmp_path, job_id, 2)
+        # What `#SBATCH --signal=B:USR1@300` does 300 s before the time limit: SIGUSR1 to the batch shell only.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, capture_output=True)
+        fields = wait_for_job(tmp_path, job_id)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)  # no-op when the job is done
+    log = log_of(tmp_path, job_id)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
+    assert fields["Restarts"] == "1", log[-4000:]
+
+    assert "batch shell got SIGUSR1" in log
+    assert "checkpoint saved, exiting 0" in log  # the ranks stopped cleanly
+    stopped = re.search(r"stopped at step (\d+) of 5; requeueing job", log)
+    assert stopped is not None, log[-4000:]
+    stopped_at = int(stopped.group(1))
+    assert 2 <= stopped_at < steps
+    assert "start 1 on" in log and "start 2 on" in log  # --open-mode=append: both starts in one log
+    resumed = re.search(r"resuming from .* at step (\d+)", log)
+    assert resumed is not None and int(resumed.group(1)) == stopped_at, log[-4000:]
+    assert f"training finished at step {steps}" in log
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"step_{steps:08d}"
+    assert logged_steps(tmp_path) == set(range(1, steps + 1))
+
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1  # the requeued start continued the run
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id == (tmp_path / "ckpt" / "mlflow_run_id").read_text().strip()
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, steps + 1))
