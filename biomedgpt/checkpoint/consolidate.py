@@ -569,7 +569,7 @@ def _model_config_from_train(train_config: Any, tokenizer: BiomedGPTTokenizer) -
 
     if train_config.model.init_from:  # the run started from a model directory and kept its config
         return _read_model_config(Path(train_config.model.init_from) / "config.json")
-    return model_config_for(train_config, tokenizer)
+    return model_config_for(train_config, len(tokenizer))
 
 
 def _read_tokenizer(path: Path) -> BiomedGPTTokenizer:

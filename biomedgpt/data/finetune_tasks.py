@@ -7,8 +7,10 @@ trie's allowed tokens for constrained training and decoding.
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,22 @@ class FinetuneTaskConfig:
             raise ValueError(f"patch_image_size={self.patch_image_size} must be a positive multiple of 16")
         if not 0.0 <= self.noise_ratio < 1.0:
             raise ValueError(f"noise_ratio={self.noise_ratio} must lie in [0, 1)")
+
+
+def load_answer_list(path: str | Path) -> list[str]:
+    """Candidate answers from JSON: a list of strings, or {answer: index} (the original ans2label files)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read answers file {path}: {error}") from error
+    if isinstance(data, dict):
+        try:
+            return [answer for answer, _ in sorted(data.items(), key=lambda item: int(item[1]))]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: answer -> index values must be integers") from error
+    if isinstance(data, list) and data and all(isinstance(answer, str) for answer in data):
+        return list(data)
+    raise ValueError(f"{path}: expected a non-empty JSON list of answers or a dict answer -> index")
 
 
 def answer_trie(answers: list[str], tokenizer: BiomedGPTTokenizer) -> Trie:

@@ -40,6 +40,7 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
     import torch
 
     from biomedgpt.model import BiomedGPTForConditionalGeneration, count_trainable_parameters
+    from biomedgpt.model.config import ORIGINAL_VOCAB_SIZE
     from biomedgpt.train.engine import (
         load_tokenizer,
         model_config_for,
@@ -50,9 +51,14 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
 
     # A dry run plans a GPU job from any machine: a bf16 config is not refused for lack of a local GPU.
     ds_config = resolve_deepspeed_config(config, world_size, cuda=True if config.precision == "bf16" else None)
-    tokenizer = load_tokenizer(config)
+    notes = []
+    try:
+        vocab_size = len(load_tokenizer(config))
+    except FileNotFoundError as error:  # planning before the files are in place is fine
+        vocab_size = ORIGINAL_VOCAB_SIZE
+        notes.append(f"({error}; assuming the original {ORIGINAL_VOCAB_SIZE:,}-token vocabulary)")
     with torch.device("meta"):
-        model = BiomedGPTForConditionalGeneration(model_config_for(config, tokenizer))
+        model = BiomedGPTForConditionalGeneration(model_config_for(config, vocab_size))
     trainable = count_trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     stage = zero_stage(ds_config)
@@ -63,7 +69,8 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
         "# DeepSpeed config",
         json.dumps(ds_config, indent=2),
         "# model",
-        f"size {config.model.size}: {total:,} parameters ({trainable:,} trainable), vocabulary {len(tokenizer):,}",
+        f"size {config.model.size}: {total:,} parameters ({trainable:,} trainable), vocabulary {vocab_size:,}",
+        *notes,
         f"# memory of model states per rank (ZeRO stage {stage}, world size {world_size}, {config.precision})",
     ]
     lines += [f"{name}: {value / 2**30:.3f} GiB" for name, value in memory.items()]

@@ -43,7 +43,13 @@ class DataSection:
     detection: str | None = None
     negative_samples: str | None = None  # folder with type2ans.json, object.txt, all_captions.txt
     train: str | None = None  # fine-tuning: converted training split
-    valid: str | None = None
+    # Fine-tuning: candidate answers (JSON list, or {answer: index} like the original ans2label files); VQA and
+    # classification then train with trie constraints over them, as the original does.
+    answers: str | None = None
+    add_object: bool = False  # VQA: append " object: ..." from the objects column
+    noise_ratio: float = 0.0  # summarization: share of decoder-input tokens replaced by random ones
+    imagenet_normalization: bool = False  # classification (MedMNIST) normalises with ImageNet mean/std
+    max_tgt_words: int = 30
     remote_root: str | None = None  # with a remote, the paths above are local cache folders
     tokenizer: str | None = None  # tokenizer folder; None = the small one shipped with the package
     patch_image_size: int = 256
@@ -65,6 +71,8 @@ class DataSection:
             raise ValueError("pretraining needs data.vision_language (a converted directory)")
         if self.task != "pretrain" and not self.train:
             raise ValueError(f"fine-tuning task {self.task!r} needs data.train (a converted directory)")
+        if self.answers and self.task not in ("vqa", "classification"):
+            raise ValueError(f"data.answers constrains vqa or classification answers, not task {self.task!r}")
 
 
 @dataclass

@@ -97,11 +97,11 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def model_config_for(config: TrainConfig, tokenizer: BiomedGPTTokenizer) -> BiomedGPTConfig:
+def model_config_for(config: TrainConfig, vocab_size: int) -> BiomedGPTConfig:
     section = config.model
     return BiomedGPTConfig.for_size(
         section.size,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         attention_backend=section.attention_backend,
         resnet_norm=section.resnet_norm,
         dropout=section.dropout,
@@ -123,9 +123,9 @@ def build_model(config: TrainConfig, tokenizer: BiomedGPTTokenizer, ds_config: d
             )
     elif zero_stage(ds_config) == 3:
         with deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds_config)):
-            model = BiomedGPTForConditionalGeneration(model_config_for(config, tokenizer))
+            model = BiomedGPTForConditionalGeneration(model_config_for(config, len(tokenizer)))
     else:
-        model = BiomedGPTForConditionalGeneration(model_config_for(config, tokenizer))
+        model = BiomedGPTForConditionalGeneration(model_config_for(config, len(tokenizer)))
     if config.model.freeze_embedding:
         model.set_embedding_trainable(False)
     return model

@@ -47,7 +47,7 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def build_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]]:
     """The streamed dataset, its loader and the names of the sub-batches each micro-batch holds."""
-    from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder, FinetuneTaskConfig
+    from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder, FinetuneTaskConfig, load_answer_list
     from biomedgpt.data.pipeline import (
         FinetuneCollator,
         FinetuneStream,
@@ -89,8 +89,16 @@ def build_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]
         collator = PretrainCollator(tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
         keys = ["v1", "v2"]
     else:
+        task_config = FinetuneTaskConfig(
+            data.task,
+            patch_image_size=data.patch_image_size,
+            max_tgt_words=data.max_tgt_words,
+            add_object=data.add_object,
+            noise_ratio=data.noise_ratio,
+            imagenet_normalization=data.imagenet_normalization,
+        )
         builder = FinetuneExampleBuilder(
-            tokenizer, FinetuneTaskConfig(data.task, patch_image_size=data.patch_image_size)
+            tokenizer, task_config, load_answer_list(data.answers) if data.answers else None
         )
         dataset = FinetuneStream(builder, data.train, seed=data.seed, **streaming_kwargs)
         collator = FinetuneCollator(tokenizer.pad_id, len(tokenizer))

@@ -39,3 +39,32 @@ def test_unreadable_bytes_name_the_source(tmp_path):
         load_image(bad)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "L"), ("PNG", "RGBA"), ("GIF", "P")])
+def test_decode_image_gives_the_pixels_of_an_rgb_conversion(fmt, mode):
+    array = np.random.default_rng(0).integers(0, 256, size=(24, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buffer, format=fmt)
+    data = buffer.getvalue()
+    image = decode_image(data)
+    # Same result as the straightforward decode; RGB JPEG/PNG come back as the decoded image itself (no copy), fully
+    # loaded and detached from the buffer, so they stay usable after decode_image returned.
+    with Image.open(io.BytesIO(data)) as reference:
+        expected = np.asarray(reference.convert("RGB"))
+    assert image.mode == "RGB" and image.size == (40, 24)
+    assert np.array_equal(np.asarray(image), expected)
+    assert np.array_equal(np.asarray(image.resize((20, 12))), np.asarray(Image.fromarray(expected).resize((20, 12))))
+
+
+def test_truncated_jpeg_names_the_source():
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    with pytest.raises(ValueError, match="row 7"):
+        decode_image(buffer.getvalue()[:200], "row 7")
+
+
+def test_image_to_tensor_skips_the_resize_at_its_own_size():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(16, 16, 3), dtype=np.uint8))
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    assert torch.equal(image_to_tensor(image, 16), (array - 0.5) / 0.5)

@@ -15,6 +15,7 @@ from biomedgpt.data.transforms import (
     RandomHorizontalFlip,
     RandomResize,
     Resize,
+    ResizeCrop,
     ToTensorNormalize,
     bins_to_box,
     box_to_bins,
@@ -315,3 +316,89 @@ def test_mask_image_center_zeroes_exactly_the_centre_block():
     assert tensor.min().item() == 1.0  # the input is not modified
     small = mask_image_center(torch.ones(2, 3, 128, 128), code_image_size=64)
     assert small[..., 32:96, 32:96].abs().sum() == 0 and small.sum().item() == 2 * 3 * (128 * 128 - 64 * 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fused resize + crop (one resample of the crop window) against the two-step reference
+
+
+def assert_close_pixels(fused: Image.Image, reference: Image.Image, max_levels: int = 2) -> None:
+    assert fused.size == reference.size and fused.mode == reference.mode
+    diff = np.abs(np.asarray(fused, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    assert diff.max() <= max_levels, diff.max()
+    assert (diff > 0).mean() < 0.05  # rounding on a few pixels, not a shifted or rescaled picture
+
+
+@pytest.mark.parametrize("crop_kind", ["center", "object"])
+@pytest.mark.parametrize("size", [(420, 300), (300, 520), (900, 250), (256, 256)])
+def test_resize_crop_matches_random_resize_then_crop(crop_kind, size):
+    boxes = [(150, 100, 230, 170), (10, 10, 60, 50)]
+    image = textured(*size, seed=3)
+    resize = RandomResize(list(range(256, 481)), max_size=672)
+    crop = CenterCrop(256) if crop_kind == "center" else ObjectCenterCrop(256)
+    fused = ResizeCrop(resize, crop)
+    for seed in range(4):
+        target = target_of(*[b for b in boxes if b[2] <= size[0] and b[3] <= size[1]], labels=None)
+        rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
+        expected, expected_target = Compose([resize, crop])(image, target, rng_a)
+        out, out_target = fused(image, target, rng_b)
+        assert_close_pixels(out, expected)
+        np.testing.assert_array_equal(out_target["boxes"], expected_target["boxes"])
+        assert out_target["labels"] == expected_target["labels"]
+        assert rng_a.random() == rng_b.random()  # the same draws were consumed
+
+
+def test_resize_crop_pads_like_the_two_step_version_when_the_crop_is_larger():
+    image, box = scene(90, 60, [(20, 10, 50, 40)]), (20, 10, 50, 40)
+    resize, crop = RandomResize([50, 70]), CenterCrop(96)  # resized image smaller than the crop: black padding
+    for seed in range(3):
+        expected = Compose([resize, crop])(image, target_of(box), np.random.default_rng(seed))
+        out = ResizeCrop(resize, crop)(image, target_of(box), np.random.default_rng(seed))
+        assert np.array_equal(np.asarray(out[0]), np.asarray(expected[0]))
+        np.testing.assert_array_equal(out[1]["boxes"], expected[1]["boxes"])
+    # No resize at all (drawn size = image size): a plain crop, pixel-exact.
+    square = textured(128, 128)
+    out, _ = ResizeCrop(RandomResize([128]), CenterCrop(64))(square, None, np.random.default_rng(0))
+    assert np.array_equal(np.asarray(out), np.asarray(square.crop((32, 32, 96, 96))))
+
+
+def test_large_scale_jitter_equals_resize_then_crop_up_to_rounding():
+    corner, centre = (0, 0, 40, 40), (180, 130, 240, 190)
+    image = textured(400, 300, seed=5)
+    for seed in range(6):
+        out, target = LargeScaleJitter(256, 1.0, 1.5)(image, target_of(corner, centre), np.random.default_rng(seed))
+        # The unfused reference, with the same draws in the same order.
+        rng = np.random.default_rng(seed)
+        shorter = round(rng.uniform(1.0, 1.5) * 256)
+        ratio = max(shorter / 300, shorter / 400)
+        new_w, new_h = max(1, round(400 * ratio)), max(1, round(300 * ratio))
+        u_y, u_x = rng.random(2)
+        top, left = int(np.floor((new_h - 256) * u_y)), int(np.floor((new_w - 256) * u_x))
+        reference = image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + 256, top + 256))
+        assert_close_pixels(out, reference)
+        scaled = np.array([corner, centre], dtype=np.float64) * [new_w / 400, new_h / 300, new_w / 400, new_h / 300]
+        shifted = np.clip(scaled - [left, top, left, top], 0, 256)
+        keep = (shifted[:, 2] > shifted[:, 0]) & (shifted[:, 3] > shifted[:, 1])
+        np.testing.assert_allclose(target["boxes"], shifted[keep])
+
+
+def test_ready_pipelines_fuse_resize_and_crop():
+    assert isinstance(pretrain_vl_transform(256).transforms[0], ResizeCrop)
+    assert isinstance(visual_grounding_transform(256).transforms[0].crop, ObjectCenterCrop)
+
+
+def test_to_tensor_normalize_is_bit_identical_to_the_torch_formula():
+    # The reference arithmetic (torch on the channels-last float view) for square and non-square, any statistics.
+    for size, mean, std in (
+        ((64, 48), (0.5,) * 3, (0.5,) * 3),
+        ((40, 40), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ):
+        image = textured(*size, seed=7)
+        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        expected = (array - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        tensor, _ = ToTensorNormalize(mean, std)(image, None)
+        assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+        assert torch.equal(tensor, expected)
+    grey = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))  # mode "L" is converted to RGB first
+    tensor, _ = ToTensorNormalize()(grey, None)
+    assert tensor.shape == (3, 16, 16) and torch.equal(tensor[0], tensor[2])

@@ -188,3 +188,34 @@ def test_deepspeed_launcher_runs_the_same_entry_point(data_root, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(losses(run_dir)) == [1, 2]
     assert runs_of(run_dir)[0].data.params["world_size"] == "2"
+
+
+def test_finetune_vqa_with_trie_then_consolidate_and_evaluate(data_root, tmp_path):
+    from biomedgpt.checkpoint.consolidate import consolidate_checkpoint
+    from biomedgpt.data.finetune_tasks import load_answer_list
+    from biomedgpt.evaluation.runner import evaluate
+
+    run_dir = tmp_path / "finetune_vqa"
+    run_dir.mkdir()
+    corpus, converted = data_root / "corpus", data_root / "converted"
+    overrides = [
+        "model.size=tiny", "model.init_from=null", "data.tokenizer=null", f"data.train={converted / 'vqa_train'}",
+        f"data.answers={corpus / 'vqa_ans2label.json'}", "precision=fp32", "deepspeed_config=zero3_cpu.json",
+        f"checkpoint.dir={run_dir / 'ckpt'}", "optim.max_steps=3", *SMALL,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "biomedgpt.train", "--config", "finetune_vqa", *overrides],
+        env=environment(run_dir), cwd=run_dir, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+    model_dir = run_dir / "model"
+    consolidate_checkpoint(run_dir / "ckpt", model_dir, progress=False)
+    metrics = evaluate(
+        model_dir, "vqa", converted / "vqa_val", run_dir / "eval", image_size=64, progress=False,
+        answers=load_answer_list(corpus / "vqa_ans2label.json"),
+        answer_types=json.loads((corpus / "vqa_answer_types.json").read_text()),
+    )  # fmt: skip
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["count"] > 0
+    assert (run_dir / "eval" / "predictions.jsonl").is_file()

@@ -1,0 +1,112 @@
+"""``biomedgpt-eval --model DIR --task TASK --data DIR``: decode a converted dataset and report the task's metrics.
+
+Examples::
+
+    biomedgpt-eval --model models/vqa --task vqa --data converted/vqa_test \\
+        --answers corpus/vqa_ans2label.json --answer-types corpus/vqa_answer_types.json
+    biomedgpt-eval --model models/cap --task caption --data converted/caption_test --beam 5 --max-len-b 16
+    biomedgpt-eval --model models/nli --task nli --data converted/nli_test --tracking-uri sqlite:///mlruns.db
+
+Decoding follows the original evaluation scripts (spec 6.3); see :mod:`biomedgpt.evaluation.runner`. Writes
+``OUT/predictions.jsonl`` and ``OUT/metrics.json``. Exit status: 0 success, 2 bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from biomedgpt.data.finetune_tasks import FINETUNE_TASKS
+
+PROG = "biomedgpt-eval"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Evaluate a BiomedGPT model directory on a converted fine-tuning dataset.",
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json + tokenizer)")
+    parser.add_argument("--task", required=True, choices=FINETUNE_TASKS, help="fine-tuning task")
+    parser.add_argument("--data", required=True, help="converted dataset directory (index.json + Parquet shards)")
+    parser.add_argument("--out", default=None, help="output directory (default: eval_<task>)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    parser.add_argument("--beam", type=int, default=None, help="beam size (default: the task's, VQA 1, else 5)")
+    parser.add_argument("--max-len-b", type=int, default=None, help="max generated length (default: the task's)")
+    parser.add_argument(
+        "--answers", default=None, help="candidate answers / class names: JSON list or dict answer -> index"
+    )
+    parser.add_argument("--answer-types", default=None, help="VQA: JSON question_id -> CLOSED/OPEN")
+    parser.add_argument("--image-size", type=int, default=256, help="patch image size (default 256)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI: log metrics and files to a new run")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default biomedgpt-eval)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    err = Console(stderr=True)
+    for name in ("batch_size", "beam", "max_len_b", "image_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            err.print(f"[red]{PROG}: --{name.replace('_', '-')} must be >= 1, got {value}[/red]")
+            return 2
+
+    import torch
+
+    from biomedgpt.evaluation.runner import EvaluationError, evaluate, load_answer_list, load_answer_types
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or f"eval_{args.task}"
+    try:
+        answers = load_answer_list(args.answers) if args.answers else None
+        answer_types = load_answer_types(args.answer_types) if args.answer_types else None
+        metrics = evaluate(
+            args.model,
+            args.task,
+            args.data,
+            out,
+            batch_size=args.batch_size,
+            beam=args.beam,
+            max_len_b=args.max_len_b,
+            answers=answers,
+            answer_types=answer_types,
+            limit=args.limit,
+            device=device,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            image_size=args.image_size,
+            progress=not args.no_progress,
+        )
+    except (EvaluationError, ValueError, FileNotFoundError) as error:
+        err.print(f"[red]{PROG}: {error}[/red]", soft_wrap=True)
+        return 2
+
+    table = Table(title=f"{args.task} on {args.data}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, _format(value))
+    console.print(table)
+    console.print(f"predictions and metrics: {out}/predictions.jsonl, {out}/metrics.json", soft_wrap=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
