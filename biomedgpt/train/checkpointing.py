@@ -76,6 +76,21 @@ def _all_ranks_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
+def files_intact(directory: Path) -> str | None:
+    """None when every file listed in the completion marker has its recorded size, else what is wrong."""
+    try:
+        files = json.loads((directory / COMPLETE_MARKER).read_text()).get("files", {})
+    except (OSError, json.JSONDecodeError) as error:
+        return f"unreadable {COMPLETE_MARKER} marker ({error})"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def save_checkpoint(
     engine: Any, checkpoint_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int, rank: int
 ) -> Path:
@@ -86,7 +101,10 @@ def save_checkpoint(
     torch.save(rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
     _barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
-        (root / tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        # The sizes of every file let a later start reject a truncated checkpoint before any rank reads it.
+        files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.is_file()}
+        marker = {"step": step, "time": time.time(), "files": files}
+        (root / tag / COMPLETE_MARKER).write_text(json.dumps(marker))
         tmp = root / (LATEST_FILE + ".tmp")
         tmp.write_text(tag)
         tmp.replace(root / LATEST_FILE)
@@ -106,8 +124,18 @@ def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -
     """
     for tag in complete_tags(checkpoint_dir):
         directory = Path(checkpoint_dir) / tag
-        error: Exception | None = None
+        error: Exception | str | None = None
         client_state: dict[str, Any] | None = None
+        # Agree on the files first: a rank failing inside DeepSpeed's collective load would hang the others.
+        damage = files_intact(directory)
+        if not _all_ranks_ok(damage is None):
+            if rank == 0:
+                warnings.warn(
+                    f"checkpoint {directory} could not be loaded ({damage or 'damaged on another rank'}); "
+                    "trying the previous one",
+                    stacklevel=2,
+                )
+            continue
         try:
             load_path, client_state = engine.load_checkpoint(
                 str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

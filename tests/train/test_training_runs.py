@@ -57,16 +57,19 @@ def command(data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[
     ]  # fmt: skip
 
 
-def environment(run_dir: Path) -> dict[str, str]:
+def environment(run_dir: Path, store: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(BIOMEDGPT_NO_PROGRESS="1", MLFLOW_TRACKING_URI=f"sqlite:///{run_dir / 'mlruns.db'}", OMP_NUM_THREADS="1")
+    uri = f"sqlite:///{store or run_dir / 'mlruns.db'}"
+    env.update(BIOMEDGPT_NO_PROGRESS="1", MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
     return env
 
 
-def run(data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[str] = ()) -> subprocess.CompletedProcess:
+def run(
+    data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[str] = (), store: Path | None = None
+) -> subprocess.CompletedProcess:
     run_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        command(data_root, run_dir, nproc, steps, list(extra)), env=environment(run_dir), cwd=run_dir,
+        command(data_root, run_dir, nproc, steps, list(extra)), env=environment(run_dir, store), cwd=run_dir,
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -91,8 +94,8 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def runs_of(run_dir: Path) -> list:
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlruns.db'}")
+def runs_of(run_dir: Path, store: Path | None = None) -> list:
+    client = MlflowClient(f"sqlite:///{store or run_dir / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("biomedgpt-demo")
     return client.search_runs([experiment.experiment_id])
 
@@ -110,40 +113,56 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(data_root, tmp_path
 
 
 def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
-    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    from biomedgpt.cli.compare import main as compare_main
+
+    reference_dir, killed_dir, store = tmp_path / "reference", tmp_path / "killed", tmp_path / "mlruns.db"
     extra = ["checkpoint.every_steps=2"]
-    run(data_root, reference_dir, nproc=2, steps=6, extra=extra)
+    run(data_root, reference_dir, nproc=2, steps=6, extra=extra, store=store)
+    reference_run = runs_of(reference_dir, store)[0].info.run_id
 
     killed_dir.mkdir()
     proc = subprocess.Popen(
-        command(data_root, killed_dir, 2, 6, extra), env=environment(killed_dir), cwd=killed_dir,
+        command(data_root, killed_dir, 2, 6, extra), env=environment(killed_dir, store), cwd=killed_dir,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     wait_for_step(killed_dir, 3, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, no chance to save
     proc.wait(timeout=60)
-    resumed = run(data_root, killed_dir, nproc=2, steps=6, extra=extra)
+    resumed = run(data_root, killed_dir, nproc=2, steps=6, extra=extra, store=store)
     match = re.search(r"resuming from .* at step (\d+)", resumed.stdout)
     assert match is not None, resumed.stdout[-3000:]
     assert int(match.group(1)) in (2, 4)  # the newest checkpoint complete before the kill
 
     reference, continued = losses(reference_dir), losses(killed_dir)
     assert sorted(continued) == [1, 2, 3, 4, 5, 6]
-    for step in range(1, 7):  # dropout is on: equality needs the restored RNG, data position and optimizer
+    for step in range(1, 7):  # dropout is on: equality needs the restored data position, optimizer and seeds
         assert continued[step] == pytest.approx(reference[step], rel=1e-5), (step, reference, continued)
 
-    runs = runs_of(killed_dir)
-    assert len(runs) == 1  # the restart continued the same MLflow run
-    assert runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["config.optim.max_steps"] == "6"
-    assert runs[0].data.params["world_size"] == "2"
-    assert "versions.deepspeed" in runs[0].data.params and "git.commit" in runs[0].data.params
-    assert runs[0].data.tags["size"] == "tiny" and runs[0].data.tags["task"] == "pretrain"
-    history = MlflowClient(f"sqlite:///{killed_dir / 'mlruns.db'}").get_metric_history(runs[0].info.run_id, "loss")
+    runs = runs_of(killed_dir, store)
+    killed_run = next(r for r in runs if r.info.run_id != reference_run)
+    assert len(runs) == 2  # one per job: the restart continued the killed job's MLflow run
+    assert killed_run.info.status == "FINISHED"
+    assert killed_run.data.params["config.optim.max_steps"] == "6"
+    assert killed_run.data.params["world_size"] == "2"
+    assert "versions.deepspeed" in killed_run.data.params and "git.commit" in killed_run.data.params
+    assert killed_run.data.tags["size"] == "tiny" and killed_run.data.tags["task"] == "pretrain"
+    history = MlflowClient(f"sqlite:///{store}").get_metric_history(killed_run.info.run_id, "loss")
     assert {m.step for m in history} == {1, 2, 3, 4, 5, 6}
     for name in ("lr", "grad_norm", "samples_per_second", "tokens_per_second", "data_wait", "step_time"):
-        assert name in runs[0].data.metrics, name
-    assert any(key.startswith("loss/") for key in runs[0].data.metrics)
+        assert name in killed_run.data.metrics, name
+    assert any(key.startswith("loss/") for key in killed_run.data.metrics)
+    # The comparison tool agrees, on the real store: the interrupted job's curves equal the uninterrupted one's.
+    compare_args = [reference_run, killed_run.info.run_id, "--tracking-uri", f"sqlite:///{store}", "-q"]
+    assert compare_main([*compare_args, "--metrics", "loss", "lr", "--assert-equal", "--rtol", "1e-5"]) == 0
+
+    # A corrupt newest checkpoint is skipped for the previous one, with a warning, and the job still finishes.
+    newest = (killed_dir / "ckpt" / "latest").read_text()
+    states = sorted((killed_dir / "ckpt" / newest).glob("*optim_states.pt"))[0]
+    states.write_bytes(states.read_bytes()[:100])
+    rerun = run(data_root, killed_dir, nproc=2, steps=8, extra=extra, store=store)
+    assert "could not be loaded" in rerun.stderr and "trying the previous one" in rerun.stderr
+    assert re.search(r"resuming from .* at step 4", rerun.stdout)
+    assert losses(killed_dir)[5] == pytest.approx(reference[5], rel=1e-5)
 
 
 def test_sigterm_saves_exits_zero_and_the_next_start_resumes(data_root, tmp_path):
