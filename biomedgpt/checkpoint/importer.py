@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from biomedgpt.model.config import MODEL_SIZES, RESNET_LAYERS, BiomedGPTConfig
+from biomedgpt.model.config import MODEL_SIZES, RESNET_LAYERS, BiomedGPTConfig, size_settings
 
 __all__ = [
     "FAIRSEQ",
@@ -558,17 +558,7 @@ def config_from_fairseq(
         return kwargs, warnings
     arch = _declared(model_cfg, "arch") or _declared(model_cfg, "_name")
     if arch in FAIRSEQ_SIZE_NAMES:  # the arch presets fill what the cfg leaves out
-        preset = MODEL_SIZES[FAIRSEQ_SIZE_NAMES[arch]]
-        kwargs.update(
-            d_model=preset["d_model"],
-            encoder_layers=preset["encoder_layers"],
-            decoder_layers=preset["decoder_layers"],
-            encoder_attention_heads=preset["heads"],
-            decoder_attention_heads=preset["heads"],
-            encoder_ffn_dim=preset["ffn_dim"],
-            decoder_ffn_dim=preset["ffn_dim"],
-            resnet_type=preset["resnet_type"],
-        )
+        kwargs.update(size_settings(FAIRSEQ_SIZE_NAMES[arch]))
     renames = {
         "encoder_layers": "encoder_layers",
         "decoder_layers": "decoder_layers",
@@ -730,20 +720,7 @@ def resolve_config(
     if size is not None:
         if size not in MODEL_SIZES:
             raise CheckpointImportError(f"unknown size {size!r}; choose one of {list(MODEL_SIZES)}")
-        preset = MODEL_SIZES[size]
-        apply(
-            dict(
-                d_model=preset["d_model"],
-                encoder_layers=preset["encoder_layers"],
-                decoder_layers=preset["decoder_layers"],
-                encoder_attention_heads=preset["heads"],
-                decoder_attention_heads=preset["heads"],
-                encoder_ffn_dim=preset["ffn_dim"],
-                decoder_ffn_dim=preset["ffn_dim"],
-                resnet_type=preset["resnet_type"],
-            ),
-            f"--size {size}",
-        )
+        apply(size_settings(size), f"--size {size}")
     if normformer is not None:
         apply({"normformer": normformer}, "--normformer" if normformer else "--no-normformer")
     apply({"vocab_size": shapes.vocab_size}, "embedding rows")

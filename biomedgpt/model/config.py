@@ -32,6 +32,23 @@ PUBLISHED_PARAMETER_COUNTS: dict[str, int] = {
 }
 
 ORIGINAL_VOCAB_SIZE = 59_457
+
+
+def size_settings(name: str) -> dict[str, Any]:
+    """The BiomedGPTConfig keyword arguments of a published size (spec section 2)."""
+    size = MODEL_SIZES[name]
+    return dict(
+        d_model=size["d_model"],
+        encoder_layers=size["encoder_layers"],
+        decoder_layers=size["decoder_layers"],
+        encoder_attention_heads=size["heads"],
+        decoder_attention_heads=size["heads"],
+        encoder_ffn_dim=size["ffn_dim"],
+        decoder_ffn_dim=size["ffn_dim"],
+        resnet_type=size["resnet_type"],
+    )
+
+
 ATTENTION_BACKENDS = ("sdpa", "reference")
 RESNET_NORMS = ("batch", "frozen", "sync")
 
@@ -185,16 +202,6 @@ class BiomedGPTConfig(PretrainedConfig):
         """Config of a published size (``tiny``, ``medium``, ``base``, ``large``, ``xlarge``)."""
         if name not in MODEL_SIZES:
             raise ValueError(f"unknown model size {name!r}; choose one of {list(MODEL_SIZES)}")
-        size = MODEL_SIZES[name]
-        kwargs: dict[str, Any] = dict(
-            d_model=size["d_model"],
-            encoder_layers=size["encoder_layers"],
-            decoder_layers=size["decoder_layers"],
-            encoder_attention_heads=size["heads"],
-            decoder_attention_heads=size["heads"],
-            encoder_ffn_dim=size["ffn_dim"],
-            decoder_ffn_dim=size["ffn_dim"],
-            resnet_type=size["resnet_type"],
-        )
+        kwargs = size_settings(name)
         kwargs.update(overrides)
         return cls(**kwargs)
