@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from biomedgpt.model.config import MODEL_SIZES
 
@@ -172,8 +172,3 @@ def deepspeed_config_path(name_or_path: str) -> Path:
     available = sorted(p.name for p in DS_CONFIG_DIR.glob("*.json"))
     raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found; give a path or one of {available}")
 
-
-def describe(config: TrainConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(config)
