@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from biomedgpt.data.finetune_tasks import TASK_FILE
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
@@ -466,6 +467,13 @@ def _find_tokenizer_dir(checkpoint: ZeroCheckpoint) -> Path | None:
     return None
 
 
+def _find_task_file(checkpoint: ZeroCheckpoint) -> Path | None:
+    for directory in (checkpoint.directory, checkpoint.root):
+        if (directory / TASK_FILE).is_file():
+            return directory / TASK_FILE
+    return None
+
+
 def _read_model_config(path: Path) -> BiomedGPTConfig:
     try:
         data = json.loads(path.read_text())
@@ -814,6 +822,9 @@ def consolidate_checkpoint(
         config.dtype = out_dtype
         config.save_pretrained(staging)
         sources.tokenizer.save_pretrained(staging)
+        task_file = _find_task_file(checkpoint)
+        if task_file is not None:  # evaluation then prepares inputs as the fine-tuning did
+            shutil.copyfile(task_file, staging / TASK_FILE)
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)

@@ -37,10 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beam", type=int, default=None, help="beam size (default: the task's, VQA 1, else 5)")
     parser.add_argument("--max-len-b", type=int, default=None, help="max generated length (default: the task's)")
     parser.add_argument(
-        "--answers", default=None, help="candidate answers / class names: JSON list or dict answer -> index"
+        "--answers",
+        default=None,
+        help="candidate answers / class names: JSON list or dict answer -> index (default: those the model was "
+        "fine-tuned with, else every answer in the data)",
     )
     parser.add_argument("--answer-types", default=None, help="VQA: JSON question_id -> CLOSED/OPEN")
-    parser.add_argument("--image-size", type=int, default=256, help="patch image size (default 256)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="patch image size (default: the fine-tuning one recorded in the model directory, else 256)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI: log metrics and files to a new run")

@@ -8,6 +8,7 @@ trie's allowed tokens for constrained training and decoding.
 from __future__ import annotations
 
 import json
+import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ PROMPT_NLI = ' can text1 " {} " imply text2 " {} "?'
 PROMPT_OBJECTS = " object: {}"
 
 
+TASK_FILE = "finetune_task.json"  # how a model directory was fine-tuned (see write_task_file)
+
+
 @dataclass
 class FinetuneTaskConfig:
     """Per-task settings of the original fine-tuning scripts (spec 6.2, 6.3)."""
@@ -56,6 +60,35 @@ class FinetuneTaskConfig:
             raise ValueError(f"patch_image_size={self.patch_image_size} must be a positive multiple of 16")
         if not 0.0 <= self.noise_ratio < 1.0:
             raise ValueError(f"noise_ratio={self.noise_ratio} must lie in [0, 1)")
+
+
+def write_task_file(directory: str | os.PathLike, task_config: FinetuneTaskConfig, answers: list[str] | None) -> Path:
+    """Record in a model directory how it was fine-tuned, so evaluation prepares inputs the same way."""
+    record = {
+        "task": task_config.task,
+        "patch_image_size": task_config.patch_image_size,
+        "add_object": task_config.add_object,
+        "imagenet_normalization": task_config.imagenet_normalization,
+        "answers": list(answers) if answers else None,
+    }
+    path = Path(directory) / TASK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def read_task_file(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The :data:`TASK_FILE` record of a model directory, or None when it has none (a pretrained or imported one)."""
+    path = Path(model_dir) / TASK_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); delete it or fix it") from error
+    if not isinstance(record, dict) or "task" not in record:
+        raise ValueError(f"{path}: expected a JSON object with a 'task' key")
+    return record
 
 
 def load_answer_list(path: str | Path) -> list[str]:

@@ -31,9 +31,12 @@ from biomedgpt.data.examples import Example, collate
 from biomedgpt.data.finetune_tasks import (
     FINETUNE_TASKS,
     NLI_ANSWERS,
+    TASK_FILE,
     FinetuneExampleBuilder,
     FinetuneTaskConfig,
     load_answer_list,  # noqa: F401 - re-exported
+    read_task_file,
+    write_task_file,  # noqa: F401 - re-exported
 )
 from biomedgpt.data.parquet_shards import read_index
 from biomedgpt.evaluation.metrics import accuracy, caption_metrics, summary_metrics, vqa_accuracy
@@ -42,15 +45,30 @@ from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 __all__ = [
     "EvaluationError",
+    "TASK_METRICS",
+    "TASK_FILE",
+    "TaskEvaluator",
     "TASK_DECODING",
     "decoding_config",
     "evaluate",
     "iter_rows",
     "load_answer_list",
     "load_answer_types",
+    "read_task_file",
+    "write_task_file",
 ]
 
 DEFAULT_IMAGE_SIZE = 256
+
+# Metrics that can select the best checkpoint during fine-tuning, all higher-is-better; the first is the
+# original's --best-checkpoint-metric (vqa_score, cider, rougeL_f1, acc, score).
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "vqa": ("accuracy", "closed_accuracy", "open_accuracy"),
+    "caption": ("cider", "rouge_l"),
+    "summarization": ("rougeL", "rouge1", "rouge2"),
+    "nli": ("accuracy",),
+    "classification": ("accuracy",),
+}
 
 # The original evaluation scripts' decoding settings per generative task (spec 6.3).
 TASK_DECODING: dict[str, dict[str, Any]] = {
@@ -256,6 +274,107 @@ def _log_to_mlflow(
     return run_id
 
 
+# ----------------------------------------------------------------------------------------------------- evaluator
+
+
+class TaskEvaluator:
+    """Decode rows with an in-memory model and score the predictions as the original evaluation does.
+
+    Shared by :func:`evaluate` (``biomedgpt-eval``) and validation during fine-tuning, so both report the same
+    numbers. ``rows`` supply the default candidate answers of VQA / classification when ``answers`` is None.
+    """
+
+    def __init__(
+        self,
+        tokenizer: BiomedGPTTokenizer,
+        task_config: FinetuneTaskConfig,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        answers: Sequence[str] | None = None,
+        batch_size: int = 8,
+        beam: int | None = None,
+        max_len_b: int | None = None,
+        source: str = "data",
+    ) -> None:
+        task = task_config.task
+        if batch_size < 1:
+            raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
+        try:
+            self.decoding = decoding_config(task, beam, max_len_b) if task in TASK_DECODING else None
+            if task == "nli":
+                candidates = list(NLI_ANSWERS.values())
+            elif task in ("vqa", "classification"):
+                candidates = list(dict.fromkeys(answers)) if answers else _data_answers(task, rows)
+            else:
+                candidates = []
+        except KeyError as error:
+            raise EvaluationError(f"{source}: rows lack the column {error} that task {task!r} needs") from error
+        except ValueError as error:
+            raise EvaluationError(str(error)) from error
+        if task in ("vqa", "classification") and not candidates:
+            raise EvaluationError("no candidate answers: pass answers or evaluate data with answers")
+        self.task, self.tokenizer, self.candidates = task, tokenizer, candidates
+        self.batch_size, self.source = batch_size, source
+        self.builder = FinetuneExampleBuilder(tokenizer, task_config, candidates if task != "nli" else None)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "task": self.task,
+            "batch_size": self.batch_size,
+            "num_candidates": len(self.candidates),
+        }
+        if self.decoding is not None:
+            params.update(
+                beam=self.decoding.beam_size,
+                max_len_b=self.decoding.max_len_b,
+                len_penalty=self.decoding.len_penalty,
+                normalize_scores=self.decoding.normalize_scores,
+                no_repeat_ngram_size=self.decoding.no_repeat_ngram_size,
+            )
+        return params
+
+    @torch.no_grad()
+    def predict(
+        self,
+        model: Any,
+        rows: Sequence[Mapping[str, Any]],
+        device: torch.device,
+        *,
+        row_numbers: Sequence[int] | None = None,
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """One record per row: ``{"id", "prediction", "reference(s)"}``; ``row_numbers`` name rows without an id
+        (default: their positions)."""
+        from tqdm.auto import tqdm
+
+        numbers = list(range(len(rows))) if row_numbers is None else list(row_numbers)
+        rng = np.random.default_rng(0)
+        records: list[dict[str, Any]] = []
+        bar = tqdm(total=len(rows), desc=f"evaluate {self.task}", unit="sample", disable=not progress)
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                try:
+                    examples = [self.builder.build(dict(row), rng, train=False) for row in chunk]
+                except KeyError as error:
+                    raise EvaluationError(
+                        f"{self.source}: rows lack the column {error} that task {self.task!r} needs"
+                    ) from error
+                predictions = _predict_batch(
+                    model, self.tokenizer, self.builder, self.task, examples, device, self.decoding, self.candidates
+                )
+                for example, prediction, number in zip(examples, predictions, numbers[start : start + len(chunk)]):
+                    records.append(_record(self.task, example, prediction, number))
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        return records
+
+    def metrics(self, records: list[dict[str, Any]], answer_types: Mapping[str, str] | None = None) -> dict[str, Any]:
+        return _compute_metrics(self.task, records, answer_types)
+
+
 # ----------------------------------------------------------------------------------------------------- evaluate
 
 
@@ -274,99 +393,82 @@ def evaluate(
     device: str | torch.device | None = None,
     tracking_uri: str | None = None,
     experiment: str | None = None,
-    image_size: int = DEFAULT_IMAGE_SIZE,
+    image_size: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Decode ``data_dir`` (a converted fine-tuning dataset) with the model in ``model_dir``; return the metrics.
 
+    Inputs are prepared as the model was fine-tuned when ``model_dir`` has a :data:`TASK_FILE` (written by the
+    trainer and kept by ``biomedgpt-consolidate``): image size, VQA objects, ImageNet normalisation and the candidate
+    answers come from it unless given here (``image_size`` otherwise defaults to 256).
     Writes ``out_dir/predictions.jsonl`` (one ``{"id", "prediction", "reference(s)"}`` per row) and
     ``out_dir/metrics.json``. With ``tracking_uri`` or ``experiment`` the metrics and both files are logged to a new
     MLflow run (``metrics["mlflow_run_id"]``). ``device=None`` picks cuda when available.
     Raises :class:`EvaluationError` on bad input.
     """
-    from tqdm.auto import tqdm
-
     from biomedgpt.model.modeling import BiomedGPTForConditionalGeneration
 
     if task not in FINETUNE_TASKS:
         raise EvaluationError(f"unknown task {task!r}; choose one of {list(FINETUNE_TASKS)}")
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise EvaluationError(f"limit must be >= 1, got {limit}")
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise EvaluationError(f"{model_dir}: not a model directory (no config.json)")
     try:
-        task_config = FinetuneTaskConfig(task, patch_image_size=image_size)
-        decoding = decoding_config(task, beam, max_len_b) if task in TASK_DECODING else None
+        recorded = read_task_file(model_dir) or {}
     except ValueError as error:
         raise EvaluationError(str(error)) from error
+    if recorded.get("task") not in (None, task):
+        recorded = {}  # fine-tuned for another task: its input settings do not apply
+    try:
+        task_config = FinetuneTaskConfig(
+            task,
+            patch_image_size=image_size or int(recorded.get("patch_image_size") or DEFAULT_IMAGE_SIZE),
+            add_object=bool(recorded.get("add_object", False)),
+            imagenet_normalization=bool(recorded.get("imagenet_normalization", False)),
+        )
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
+    answers = answers or recorded.get("answers")
 
     rows = list(iter_rows(data_dir, limit))
     if not rows:
         raise EvaluationError(f"{data_dir}: no rows to evaluate")
-    try:
-        if task == "nli":
-            candidates = list(NLI_ANSWERS.values())
-        elif task in ("vqa", "classification"):
-            candidates = list(dict.fromkeys(answers)) if answers else _data_answers(task, rows)
-        else:
-            candidates = []
-    except KeyError as error:
-        raise EvaluationError(f"{data_dir}: rows lack the column {error} that task {task!r} needs") from error
-    if task in ("vqa", "classification") and not candidates:
-        raise EvaluationError("no candidate answers: pass answers or evaluate data with answers")
-
     tokenizer = BiomedGPTTokenizer.from_pretrained(model_dir)
+    evaluator = TaskEvaluator(
+        tokenizer,
+        task_config,
+        rows,
+        answers=answers,
+        batch_size=batch_size,
+        beam=beam,
+        max_len_b=max_len_b,
+        source=str(data_dir),
+    )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_device = torch.device(device)
     model = BiomedGPTForConditionalGeneration.from_pretrained(model_dir).to(torch_device).eval()
     if len(tokenizer) > int(model.config.vocab_size):
         raise EvaluationError(f"tokenizer has {len(tokenizer)} tokens, model vocab_size is {model.config.vocab_size}")
-    builder = FinetuneExampleBuilder(tokenizer, task_config, candidates if task != "nli" else None)
-    rng = np.random.default_rng(0)
 
+    records = evaluator.predict(model, rows, torch_device, progress=progress)
+    metrics = evaluator.metrics(records, answer_types)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(rows), desc=f"evaluate {task}", unit="sample", disable=not progress)
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            try:
-                examples = [builder.build(row, rng, train=False) for row in chunk]
-            except KeyError as error:
-                raise EvaluationError(f"{data_dir}: rows lack the column {error} that task {task!r} needs") from error
-            predictions = _predict_batch(model, tokenizer, builder, task, examples, torch_device, decoding, candidates)
-            for offset, (example, prediction) in enumerate(zip(examples, predictions)):
-                records.append(_record(task, example, prediction, start + offset))
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-
-    metrics = _compute_metrics(task, records, answer_types)
     with open(out_dir / "predictions.jsonl", "w") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     params: dict[str, Any] = {
         "model": str(model_dir),
-        "task": task,
         "data": str(data_dir),
-        "batch_size": batch_size,
-        "image_size": image_size,
+        "image_size": task_config.patch_image_size,
+        "add_object": task_config.add_object,
+        "imagenet_normalization": task_config.imagenet_normalization,
         "limit": limit,
-        "num_candidates": len(candidates),
+        **evaluator.params,
     }
-    if decoding is not None:
-        params.update(
-            beam=decoding.beam_size,
-            max_len_b=decoding.max_len_b,
-            len_penalty=decoding.len_penalty,
-            normalize_scores=decoding.normalize_scores,
-            no_repeat_ngram_size=decoding.no_repeat_ngram_size,
-        )
     (out_dir / "metrics.json").write_text(json.dumps({"task": task, **metrics, "params": params}, indent=2) + "\n")
     if tracking_uri is not None or experiment is not None:
         run_id = _log_to_mlflow(tracking_uri, experiment, task, params, metrics, out_dir)

@@ -29,6 +29,10 @@ LATEST_FILE = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
 
+class ResumeError(RuntimeError):
+    """Checkpoints exist in the checkpoint directory but this run cannot continue from any of them."""
+
+
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -91,14 +95,27 @@ def files_intact(directory: Path) -> str | None:
     return None
 
 
+def rank_state_file(directory: str | Path, name: str, rank: int) -> Path:
+    return Path(directory) / f"{name}_rank{rank:05d}.pt"
+
+
 def save_checkpoint(
-    engine: Any, checkpoint_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int, rank: int
+    engine: Any,
+    checkpoint_dir: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    rank: int,
+    rank_states: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the tag's directory."""
+    """Collective: every rank calls it. Returns the tag's directory. ``rank_states`` are this rank's own extra
+    states (the EMA partitions), saved as ``<name>_rank<r>.pt`` and covered by the completion marker."""
     root = Path(checkpoint_dir)
     tag = tag_for_step(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
+    torch.save(rng_state(), rank_state_file(root / tag, "rng", rank))
+    for name, state in (rank_states or {}).items():
+        torch.save(state, rank_state_file(root / tag, name, rank))
     _barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
         # The sizes of every file let a later start reject a truncated checkpoint before any rank reads it.
@@ -114,15 +131,40 @@ def save_checkpoint(
     return root / tag
 
 
+def load_rank_states(directory: str | Path, name: str) -> list[Any]:
+    """Every rank's ``<name>_rank<r>.pt`` of a checkpoint, in rank order (the saving run may have had another
+    world size); an error naming the checkpoint when there are none."""
+    files = sorted(Path(directory).glob(f"{name}_rank*.pt"))
+    if not files:
+        raise FileNotFoundError(
+            f"{directory} has no {name}_rank*.pt files: it was saved by a run without {name}; start from a checkpoint "
+            f"that has them, or turn {name} off"
+        )
+    return [torch.load(path, weights_only=False, map_location="cpu") for path in files]
+
+
 def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -> dict[str, Any] | None:
     """Collective: load the newest complete checkpoint every rank can read; None when there is none.
 
     The returned client state carries this rank's RNG states under ``rng_state`` (see :func:`set_rng_state`).
 
     A checkpoint that fails to load on any rank (truncated file, missing shard) is skipped with a warning and the
-    previous one is tried, so a crash during a save costs one interval, not the run.
+    previous one is tried, so a crash during a save costs one interval, not the run. When checkpoints exist but
+    none loads, or they were saved by another number of ranks (ZeRO shards resume on the same count), it raises
+    :class:`ResumeError` rather than start over and let the new run's saves prune the old ones.
     """
-    for tag in complete_tags(checkpoint_dir):
+    tags = complete_tags(checkpoint_dir)
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if tags:
+        saved_ranks = len(list((Path(checkpoint_dir) / tags[0]).glob("*optim_states.pt")))
+        if saved_ranks and saved_ranks != world_size:
+            raise ResumeError(
+                f"{Path(checkpoint_dir) / tags[0]} was saved by {saved_ranks} ranks and this run has {world_size}; "
+                f"ZeRO checkpoints resume on the same number of ranks. Resume with {saved_ranks} ranks, or "
+                f"consolidate it (biomedgpt-consolidate {checkpoint_dir} OUT) and start a new run with "
+                "model.init_from=OUT and another checkpoint.dir"
+            )
+    for tag in tags:
         directory = Path(checkpoint_dir) / tag
         error: Exception | str | None = None
         client_state: dict[str, Any] | None = None
@@ -141,10 +183,12 @@ def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -
                 str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
             ok = load_path is not None and client_state is not None
-            rng_file = directory / f"rng_rank{rank:05d}.pt"
+            rng_file = rank_state_file(directory, "rng", rank)
             if ok and rng_file.is_file():
                 # Applied by the caller just before the next step: building the data iterator draws from the RNG.
                 client_state["rng_state"] = torch.load(rng_file, weights_only=False)
+            if ok:
+                client_state["checkpoint_path"] = str(directory)
         except Exception as exc:  # a corrupt checkpoint shows up as any of torch.load's errors
             ok, error = False, exc
         if _all_ranks_ok(ok):
@@ -155,4 +199,9 @@ def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -
                 "trying the previous one",
                 stacklevel=2,
             )
+    if tags:
+        raise ResumeError(
+            f"none of the {len(tags)} complete checkpoints in {checkpoint_dir} could be loaded (see the warnings "
+            "above); fix or move them, or start over with checkpoint.resume=false or another checkpoint.dir"
+        )
     return None

@@ -89,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"biomedgpt-train: error: {error}", file=sys.stderr)
         return 2
+    from biomedgpt.train.checkpointing import ResumeError
     from biomedgpt.train.trainer import Trainer
 
-    return Trainer(config).run()
+    try:
+        return Trainer(config).run()
+    except ResumeError as error:
+        print(f"biomedgpt-train: error: {error}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

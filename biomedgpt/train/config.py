@@ -85,6 +85,10 @@ class OptimSection:
     clip_norm: float = 5.0
     label_smoothing: float = 0.0
     max_steps: int = 100
+    # Captioning: after `drop_worst_after` updates, the highest-loss share of each micro-batch's target tokens is
+    # left out of the loss (the original's --drop-worst-ratio/--drop-worst-after, 0.2/600 for PEIR Gross).
+    drop_worst_ratio: float = 0.0
+    drop_worst_after: int = 0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -95,6 +99,14 @@ class OptimSection:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 1)")
+        if not 0.0 <= self.drop_worst_ratio < 1.0:
+            raise ValueError(f"drop_worst_ratio={self.drop_worst_ratio} must lie in [0, 1)")
+        if self.drop_worst_after < 0:
+            raise ValueError(f"drop_worst_after={self.drop_worst_after} must be >= 0")
+
+    def drop_worst_ratio_at(self, completed_steps: int) -> float:
+        """The share of tokens dropped in the update after ``completed_steps`` updates."""
+        return self.drop_worst_ratio if completed_steps > self.drop_worst_after else 0.0
 
 
 @dataclass
@@ -131,6 +143,44 @@ class CheckpointSection:
 
 
 @dataclass
+class EmaSection:
+    """Exponential moving average of the weights (the original VQA recipe: --ema-decay 0.9999, fp32, from update
+    0). It is kept on each rank's ZeRO-3 partition, saved with every checkpoint and used for validation."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    start_step: int = 0  # before this many updates the average just follows the weights
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"ema.decay={self.decay} must lie in (0, 1)")
+        if self.start_step < 0:
+            raise ValueError(f"ema.start_step={self.start_step} must be >= 0")
+
+
+@dataclass
+class ValidationSection:
+    """Periodic validation during fine-tuning with biomedgpt-eval's decoding and metrics; the best model by
+    ``metric`` is written to ``<checkpoint.dir>/best`` (a model directory biomedgpt-eval/-generate read)."""
+
+    data: str | None = None  # converted validation split; None: no validation
+    every_steps: int = 500  # and after the last step
+    metric: str | None = None  # None: the task's (vqa/nli/classification accuracy, caption cider, summary rougeL)
+    limit: int | None = None  # validate on the first N rows only
+    batch_size: int = 8
+    beam: int | None = None  # None: the task's evaluation decoding
+    max_len_b: int | None = None
+    answer_types: str | None = None  # VQA: JSON question_id -> CLOSED/OPEN, adds the closed/open accuracies
+    use_ema: bool = True  # with ema.enabled, validate (and keep as best) the averaged weights, as --ema-eval
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.batch_size < 1:
+            raise ValueError("validation.every_steps and validation.batch_size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"validation.limit={self.limit} must be >= 1 (or null for every row)")
+
+
+@dataclass
 class TrackingSection:
     enabled: bool = True
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db
@@ -146,6 +196,8 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     batch: BatchSection = field(default_factory=BatchSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     precision: Literal["fp32", "bf16"] = "fp32"
     deepspeed_config: str = "zero3_cpu.json"  # a file in ds_configs/ or a path
@@ -156,6 +208,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.log_every_steps < 1:
             raise ValueError("log_every_steps must be >= 1")
+        if self.validation.data is not None:
+            from biomedgpt.evaluation.runner import TASK_METRICS
+
+            if self.data.task == "pretrain":
+                raise ValueError("validation.data is for fine-tuning tasks; pretraining has no validation metric")
+            metric = self.validation.metric or TASK_METRICS[self.data.task][0]
+            if metric not in TASK_METRICS[self.data.task]:
+                raise ValueError(
+                    f"validation.metric={metric!r} is not a {self.data.task} metric; choose one of "
+                    f"{list(TASK_METRICS[self.data.task])}"
+                )
 
 
 def preset_paths() -> dict[str, Path]:
@@ -171,4 +234,3 @@ def deepspeed_config_path(name_or_path: str) -> Path:
         return candidate
     available = sorted(p.name for p in DS_CONFIG_DIR.glob("*.json"))
     raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found; give a path or one of {available}")
-

@@ -26,6 +26,13 @@ class LossOutput:
         return self.loss / max(self.ntokens, 1)
 
 
+def kept_token_count(num_tokens: int, drop_worst_ratio: float) -> int:
+    """Target tokens left in the loss when the worst ``drop_worst_ratio`` of ``num_tokens`` are dropped."""
+    if drop_worst_ratio <= 0.0:
+        return num_tokens
+    return int(num_tokens * (1.0 - drop_worst_ratio))
+
+
 def label_smoothed_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -33,11 +40,14 @@ def label_smoothed_cross_entropy(
     padding_idx: int = 1,
     example_weights: torch.Tensor | None = None,
     constraint_masks: torch.Tensor | None = None,
+    drop_worst_ratio: float = 0.0,
 ) -> LossOutput:
     """logits [B,T,V]; target [B,T] (``padding_idx`` or -100 ignored); example_weights [B];
     constraint_masks [B,T,V] bool (True = allowed). Returns sums over the non-pad target tokens.
 
     Per token: (1 - eps - eps_i) * nll + eps_i * sum_v(-log p_v), eps_i = eps / (n_allowed - 1).
+    With ``drop_worst_ratio`` only the :func:`kept_token_count` lowest token losses of the batch are kept (the
+    original drops the hardest tokens of noisy captions late in fine-tuning); ``ntokens`` counts the kept ones.
     """
     if logits.shape[:2] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on [B, T]")
@@ -60,5 +70,9 @@ def label_smoothed_cross_entropy(
         num_allowed = torch.full_like(nll, logits.shape[-1])
     eps_i = epsilon / (num_allowed - 1).clamp(min=1)
     loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
+    kept = kept_token_count(loss.shape[0], drop_worst_ratio)
+    if kept < loss.shape[0]:
+        loss, indices = torch.topk(loss, kept, largest=False, sorted=False)
+        nll, example_of_token = nll[indices], example_of_token[indices]
     per_example = torch.zeros(target.shape[0], device=loss.device).index_add_(0, example_of_token, loss.detach())
-    return LossOutput(loss=loss.sum(), nll_loss=nll.sum(), ntokens=int(keep.sum()), per_example=per_example)
+    return LossOutput(loss=loss.sum(), nll_loss=nll.sum(), ntokens=int(loss.shape[0]), per_example=per_example)

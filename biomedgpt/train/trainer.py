@@ -20,15 +20,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from biomedgpt.data.finetune_tasks import load_answer_list, write_task_file
 from biomedgpt.data.pretrain_tasks import AUXILIARY_TASKS, IMAGE_TEXT_TASKS
 from biomedgpt.data.transforms import rng_for
-from biomedgpt.train.checkpointing import load_latest_checkpoint, save_checkpoint, set_rng_state
+from biomedgpt.train.checkpointing import load_latest_checkpoint, load_rank_states, save_checkpoint, set_rng_state
 from biomedgpt.train.config import TrainConfig
 from biomedgpt.train.engine import DistributedContext, init_distributed, initialize_engine, load_tokenizer
 from biomedgpt.train.flops import forward_flops, training_flops
-from biomedgpt.train.loss import label_smoothed_cross_entropy
+from biomedgpt.train.loss import kept_token_count, label_smoothed_cross_entropy
 from biomedgpt.train.metrics import device_peak_tflops, model_flops_utilisation, peak_memory_bytes
 from biomedgpt.train.signals import StopController
+from biomedgpt.train.validation import Validator, finetune_task_config
 
 FINETUNE_TASK_NAMES = ("vqa", "caption", "summarization", "nli", "classification")
 ALL_TASKS = (*IMAGE_TEXT_TASKS, *AUXILIARY_TASKS, *FINETUNE_TASK_NAMES)
@@ -47,7 +49,7 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def build_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]]:
     """The streamed dataset, its loader and the names of the sub-batches each micro-batch holds."""
-    from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder, FinetuneTaskConfig, load_answer_list
+    from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder
     from biomedgpt.data.pipeline import (
         FinetuneCollator,
         FinetuneStream,
@@ -89,16 +91,8 @@ def build_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]
         collator = PretrainCollator(tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
         keys = ["v1", "v2"]
     else:
-        task_config = FinetuneTaskConfig(
-            data.task,
-            patch_image_size=data.patch_image_size,
-            max_tgt_words=data.max_tgt_words,
-            add_object=data.add_object,
-            noise_ratio=data.noise_ratio,
-            imagenet_normalization=data.imagenet_normalization,
-        )
         builder = FinetuneExampleBuilder(
-            tokenizer, task_config, load_answer_list(data.answers) if data.answers else None
+            tokenizer, finetune_task_config(config), load_answer_list(data.answers) if data.answers else None
         )
         dataset = FinetuneStream(builder, data.train, seed=data.seed, **streaming_kwargs)
         collator = FinetuneCollator(tokenizer.pad_id, len(tokenizer))
@@ -126,7 +120,7 @@ class Trainer:
             moved[key] = value
         return moved
 
-    def _forward_loss(self, batch: dict[str, Any]) -> Any:
+    def _forward_loss(self, batch: dict[str, Any], drop_worst_ratio: float = 0.0) -> Any:
         batch = self._to_device(batch)
         inputs = {key: batch[key] for key in MODEL_INPUTS if batch.get(key) is not None}
         output = self.engine(**inputs)
@@ -137,6 +131,7 @@ class Trainer:
             padding_idx=self.tokenizer.pad_id,
             example_weights=batch["weights"],
             constraint_masks=batch.get("constraint_masks"),
+            drop_worst_ratio=drop_worst_ratio,
         )
 
     def _next_micro_batches(self, count: int) -> list[Any]:
@@ -149,12 +144,17 @@ class Trainer:
                 self.iterator = iter(self.loader)
         return batches
 
-    def train_step(self, micro_batches: list[Any]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[Any], completed_steps: int = 0) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns globally reduced metrics."""
         world, accumulation = self.context.world_size, len(micro_batches)
         pad = self.tokenizer.pad_id
+        drop_ratio = self.config.optim.drop_worst_ratio_at(completed_steps)
         local_tokens = torch.tensor(
-            [sum(self._sub_batches(mb)[k]["ntokens"] for mb in micro_batches) for k in self.keys], dtype=torch.float64
+            [
+                sum(kept_token_count(self._sub_batches(mb)[k]["ntokens"], drop_ratio) for mb in micro_batches)
+                for k in self.keys
+            ],
+            dtype=torch.float64,
         )
         global_tokens = _all_reduce_sum(local_tokens.clone())
         loss_sums = torch.zeros(len(self.keys), dtype=torch.float64)
@@ -165,7 +165,7 @@ class Trainer:
             loss = None
             for index, key in enumerate(self.keys):
                 batch = self._sub_batches(micro_batch)[key]
-                out = self._forward_loss(batch)
+                out = self._forward_loss(batch, drop_ratio)
                 part = out.loss / max(float(global_tokens[index]), 1.0) * (world * accumulation)
                 loss = part if loss is None else loss + part
                 loss_sums[index] += float(out.loss.detach())
@@ -232,7 +232,20 @@ class Trainer:
             Path(config.checkpoint.dir).mkdir(parents=True, exist_ok=True)
             self.engine.module.config.save_pretrained(config.checkpoint.dir)
             self.tokenizer.save_pretrained(Path(config.checkpoint.dir) / "tokenizer")
+            if config.data.task != "pretrain":
+                answers = load_answer_list(config.data.answers) if config.data.answers else None
+                write_task_file(config.checkpoint.dir, finetune_task_config(config), answers)
         self.dataset, self.loader, self.keys = build_data(config, self.tokenizer)
+        from biomedgpt.train.ema import ShardedEMA
+
+        self.ema = (
+            ShardedEMA(self.engine.module, config.ema.decay, config.ema.start_step) if config.ema.enabled else None
+        )
+        self.validator = (
+            Validator(config, self.tokenizer, self.context.rank, self.context.world_size, self.context.device)
+            if config.validation.data
+            else None
+        )
         self.epoch = 0
         accumulation = config.batch.gradient_accumulation(self.context.world_size)
         checkpoint_dir = Path(config.checkpoint.dir)
@@ -246,8 +259,13 @@ class Trainer:
                 self.epoch = int(client_state.get("epoch", 0))
                 self.loader.load_state_dict(client_state["loader"])
                 rng = client_state.get("rng_state")
+                if self.validator is not None:
+                    self.validator.load_state_dict(client_state.get("validation"))
+                if self.ema is not None:
+                    self.ema.load_state_dicts(load_rank_states(client_state["checkpoint_path"], "ema"))
                 if self.context.is_main:
-                    print(f"resuming from {checkpoint_dir} at step {step}", flush=True)
+                    restored = f" with the EMA of {self.ema.num_updates} updates" if self.ema is not None else ""
+                    print(f"resuming from {checkpoint_dir} at step {step}{restored}", flush=True)
         self.iterator: Iterator[Any] = iter(self.loader)
 
         from biomedgpt.train.tracking import start_tracking
@@ -269,9 +287,11 @@ class Trainer:
                 # Dropout and drop-path draw from a generator seeded by (seed, step, rank): a resumed run replays
                 # them exactly, whatever else consumed random numbers since the checkpoint.
                 torch.manual_seed(step_seed(config.seed, step, self.context.rank))
-                metrics = self.train_step(micro_batches)
-                step_time = time.perf_counter() - step_started
+                metrics = self.train_step(micro_batches, step)
                 step += 1
+                if self.ema is not None:
+                    self.ema.update(self.engine.module, step)
+                step_time = time.perf_counter() - step_started
                 metrics.update(
                     step_time=step_time,
                     data_wait=data_wait,
@@ -288,6 +308,8 @@ class Trainer:
                     tracker.log_metrics(metrics, step)
                     self._report(progress, step, metrics)
                 stopping = stop.should_stop()
+                if self.validator is not None and self.validator.due(step) and not stopping:
+                    self._validate(step, tracker)
                 if step % config.checkpoint.every_steps == 0 or step == config.optim.max_steps or stopping:
                     self._save(step, run_id)
                 if stopping:
@@ -302,6 +324,9 @@ class Trainer:
             stop.uninstall()
             if progress is not None:
                 progress.close()
+        if self.validator is not None and self.validator.best_value is not None:
+            tracker.log_metrics({f"best/{self.validator.metric}": self.validator.best_value}, step)
+            tracker.set_tags({"best_step": self.validator.best_step, "best_model": str(self.validator.best_dir)})
         tracker.finish(status)
         if self.context.is_main and status == "FINISHED":
             print(f"training finished at step {step}; checkpoints in {checkpoint_dir}", flush=True)
@@ -314,6 +339,8 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "mlflow_run_id": run_id,
         }
+        if self.validator is not None:
+            client_state["validation"] = self.validator.state_dict()
         save_checkpoint(
             self.engine,
             self.config.checkpoint.dir,
@@ -321,10 +348,36 @@ class Trainer:
             client_state,
             self.config.checkpoint.keep_last,
             self.context.rank,
+            rank_states={"ema": self.ema.state_dict()} if self.ema is not None else None,
         )
 
+    def _validate(self, step: int, tracker: Any) -> None:
+        started = time.perf_counter()
+        validator = self.validator
+        assert validator is not None
+        metrics = validator.run(self.engine.module, step, self.ema, progress=self._progress_enabled())
+        values = {f"val/{key}": value for key, value in metrics.items()}
+        values["val/seconds"] = time.perf_counter() - started
+        tracker.log_metrics(values, step)
+        if self.context.is_main:
+            best = (
+                "new best"
+                if validator.best_step == step
+                else f"best {validator.best_value:.4f} at {validator.best_step}"
+            )
+            print(
+                f"validation at step {step}: {validator.metric}={metrics[validator.metric]:.4f} ({best}) "
+                + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
+                flush=True,
+            )
+            with (Path(self.config.checkpoint.dir) / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def _progress_enabled(self) -> bool:
+        return self.context.is_main and not os.environ.get("BIOMEDGPT_NO_PROGRESS")
+
     def _progress(self, step: int) -> Any:
-        if not self.context.is_main or os.environ.get("BIOMEDGPT_NO_PROGRESS"):
+        if not self._progress_enabled():
             return None
         from tqdm import tqdm
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from training_jobs import SMALL
 
 from biomedgpt.demo import demo_overrides, prepare_demo_data
 
@@ -24,14 +25,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "pretrain.sbatch"
-SMALL = [
-    "data.patch_image_size=64",
-    "data.sample_patch_num=8",
-    "batch.global_batch_size=4",
-    "batch.micro_batch_size=2",
-    "log_every_steps=1",
-    "tracking.system_metrics=false",
-]
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 

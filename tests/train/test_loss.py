@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from biomedgpt.train.loss import label_smoothed_cross_entropy
+from biomedgpt.train.loss import kept_token_count, label_smoothed_cross_entropy
 
 
 def test_without_smoothing_equals_cross_entropy_sum():
@@ -53,3 +53,33 @@ def test_constraint_mask_restricts_smoothing_to_allowed_tokens():
     expected = (1 - 0.2 - eps_i) * nll + eps_i * (nll + other)
     assert abs(out.loss.item() - expected) < 1e-5
     assert abs(out.nll_loss.item() - nll) < 1e-5
+
+
+def test_drop_worst_keeps_the_lowest_token_losses():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 13)
+    target = torch.randint(4, 13, (2, 5))
+    target[1, 3:] = 1  # 8 real tokens
+    full = label_smoothed_cross_entropy(logits, target, epsilon=0.0)
+    dropped = label_smoothed_cross_entropy(logits, target, epsilon=0.0, drop_worst_ratio=0.25)
+    keep = target.ne(1)
+    per_token = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="none")
+    # int(8 * 0.75) = 6 tokens stay: the 6 smallest per-token losses
+    assert dropped.ntokens == 6 and kept_token_count(8, 0.25) == 6
+    torch.testing.assert_close(dropped.loss, per_token.sort().values[:6].sum())
+    assert dropped.loss < full.loss
+    # the per-example sums cover exactly the kept tokens
+    rows = torch.arange(2)[:, None].expand_as(target)[keep]
+    kept_mask = torch.zeros_like(per_token, dtype=torch.bool)
+    kept_mask[per_token.argsort()[:6]] = True
+    expected = torch.zeros(2).index_add_(0, rows[kept_mask], per_token[kept_mask])
+    torch.testing.assert_close(dropped.per_example, expected)
+    assert label_smoothed_cross_entropy(logits, target, drop_worst_ratio=0.0).ntokens == 8
+
+
+def test_drop_worst_starts_after_the_configured_update():
+    from biomedgpt.train.config import OptimSection
+
+    optim = OptimSection(drop_worst_ratio=0.2, drop_worst_after=600)
+    assert optim.drop_worst_ratio_at(600) == 0.0  # the original: update_num > drop_worst_after
+    assert optim.drop_worst_ratio_at(601) == 0.2

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,20 +19,34 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from training_jobs import (
+    DETERMINISTIC,
+    SMALL,
+    environment,
+    free_port,
+    losses,
+    mlflow_runs,
+    run_training,
+    train_command,
+)
 
 from biomedgpt.demo import demo_overrides, prepare_demo_data
 
 pytestmark = pytest.mark.slow
 
-SMALL = [
-    "data.patch_image_size=64",
-    "data.sample_patch_num=8",
-    "batch.global_batch_size=4",
-    "batch.micro_batch_size=2",
-    "log_every_steps=1",
-    "tracking.system_metrics=false",
-]
-DETERMINISTIC = ["model.dropout=0.0", "model.encoder_drop_path_rate=0.0", "model.decoder_drop_path_rate=0.0"]
+
+def demo_run_overrides(data_root: Path, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
+    return demo_overrides(data_root, steps) + [f"checkpoint.dir={run_dir / 'ckpt'}", *SMALL, *extra]
+
+
+def command(data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[str]) -> list[str]:
+    return train_command("demo", demo_run_overrides(data_root, run_dir, steps, extra), nproc)
+
+
+def run(
+    data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[str] = (), store: Path | None = None
+) -> subprocess.CompletedProcess:
+    return run_training(run_dir, "demo", demo_run_overrides(data_root, run_dir, steps, list(extra)), nproc, store)
 
 
 @pytest.fixture(scope="module")
@@ -41,45 +54,6 @@ def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train_data")
     prepare_demo_data(root, rows=16, image_size=64)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def command(data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[str]) -> list[str]:
-    overrides = demo_overrides(data_root, steps) + [f"checkpoint.dir={run_dir / 'ckpt'}", *SMALL, *extra]
-    return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-        "-m", "biomedgpt.train", "--config", "demo", *overrides,
-    ]  # fmt: skip
-
-
-def environment(run_dir: Path, store: Path | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    uri = f"sqlite:///{store or run_dir / 'mlruns.db'}"
-    env.update(BIOMEDGPT_NO_PROGRESS="1", MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
-    return env
-
-
-def run(
-    data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[str] = (), store: Path | None = None
-) -> subprocess.CompletedProcess:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        command(data_root, run_dir, nproc, steps, list(extra)), env=environment(run_dir, store), cwd=run_dir,
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Loss per step from metrics.jsonl; a step logged twice (before a kill and after the restart) keeps the last."""
-    records = [json.loads(line) for line in (run_dir / "ckpt" / "metrics.jsonl").read_text().splitlines()]
-    return {record["step"]: record["loss"] for record in records}
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -95,9 +69,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def runs_of(run_dir: Path, store: Path | None = None) -> list:
-    client = MlflowClient(f"sqlite:///{store or run_dir / 'mlruns.db'}")
-    experiment = client.get_experiment_by_name("biomedgpt-demo")
-    return client.search_runs([experiment.experiment_id])
+    return mlflow_runs(store or run_dir / "mlruns.db", "biomedgpt-demo")
 
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(data_root, tmp_path):
@@ -207,34 +179,3 @@ def test_deepspeed_launcher_runs_the_same_entry_point(data_root, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(losses(run_dir)) == [1, 2]
     assert runs_of(run_dir)[0].data.params["world_size"] == "2"
-
-
-def test_finetune_vqa_with_trie_then_consolidate_and_evaluate(data_root, tmp_path):
-    from biomedgpt.checkpoint.consolidate import consolidate_checkpoint
-    from biomedgpt.data.finetune_tasks import load_answer_list
-    from biomedgpt.evaluation.runner import evaluate
-
-    run_dir = tmp_path / "finetune_vqa"
-    run_dir.mkdir()
-    corpus, converted = data_root / "corpus", data_root / "converted"
-    overrides = [
-        "model.size=tiny", "model.init_from=null", "data.tokenizer=null", f"data.train={converted / 'vqa_train'}",
-        f"data.answers={corpus / 'vqa_ans2label.json'}", "precision=fp32", "deepspeed_config=zero3_cpu.json",
-        f"checkpoint.dir={run_dir / 'ckpt'}", "optim.max_steps=3", *SMALL,
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "biomedgpt.train", "--config", "finetune_vqa", *overrides],
-        env=environment(run_dir), cwd=run_dir, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(losses(run_dir)) == [1, 2, 3]
-    model_dir = run_dir / "model"
-    consolidate_checkpoint(run_dir / "ckpt", model_dir, progress=False)
-    metrics = evaluate(
-        model_dir, "vqa", converted / "vqa_val", run_dir / "eval", image_size=64, progress=False,
-        answers=load_answer_list(corpus / "vqa_ans2label.json"),
-        answer_types=json.loads((corpus / "vqa_answer_types.json").read_text()),
-    )  # fmt: skip
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["count"] > 0
-    assert (run_dir / "eval" / "predictions.jsonl").is_file()

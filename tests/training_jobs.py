@@ -1,0 +1,75 @@
+"""Shared by the tests that launch real training jobs (tests/train, tests/slurm): small-run settings, the launch
+command and readers of what a job leaves behind. Importable as ``training_jobs`` (pytest puts tests/ on sys.path
+for its conftest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+# Tiny images, few patches and 4-row steps keep a 2-rank CPU job to seconds per step.
+SMALL = [
+    "data.patch_image_size=64",
+    "data.sample_patch_num=8",
+    "batch.global_batch_size=4",
+    "batch.micro_batch_size=2",
+    "log_every_steps=1",
+    "tracking.system_metrics=false",
+]
+DETERMINISTIC = ["model.dropout=0.0", "model.encoder_drop_path_rate=0.0", "model.decoder_drop_path_rate=0.0"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_command(config: str, overrides: list[str], nproc: int) -> list[str]:
+    """``torchrun --nproc_per_node=N -m biomedgpt.train --config CONFIG OVERRIDES``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        "-m", "biomedgpt.train", "--config", config, *overrides,
+    ]  # fmt: skip
+
+
+def environment(run_dir: Path, store: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    uri = f"sqlite:///{store or run_dir / 'mlruns.db'}"
+    env.update(BIOMEDGPT_NO_PROGRESS="1", MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
+    return env
+
+
+def run_training(
+    run_dir: Path, config: str, overrides: list[str], nproc: int, store: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run a job to its end in ``run_dir`` and fail the test with its output when it does not exit 0."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        train_command(config, overrides, nproc), env=environment(run_dir, store), cwd=run_dir,
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "ckpt" / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step from metrics.jsonl; a step logged twice (before a kill and after the restart) keeps the last."""
+    return {record["step"]: record["loss"] for record in metric_records(run_dir) if "loss" in record}
+
+
+def mlflow_runs(store: Path, experiment: str) -> list:
+    client = MlflowClient(f"sqlite:///{store}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r} in {store}"
+    return client.search_runs([found.experiment_id])
