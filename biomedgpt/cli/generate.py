@@ -8,7 +8,9 @@ Examples::
 
 Images may be PNG, JPEG or DICOM. The prompt is lowercased and gets a leading space, as the original prompts
 (``" what does the image describe?"``). ``--answers`` restricts the output to the listed answers (trie-constrained
-beam search, unnormalized scores). Batch lines are ``{"image": PATH, "prompt": TEXT}``; the output lines add
+beam search, unnormalized scores). A fine-tuned model directory (with ``finetune_task.json``) sets the defaults: its
+image size, normalisation and candidate answers, and for VQA the question as decoder prefix, as it was trained.
+Batch lines are ``{"image": PATH, "prompt": TEXT}``; the output lines add
 ``"output"``. Exit status: 0 success, 2 bad arguments or input.
 """
 
@@ -40,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-len-b", type=int, default=16, help="max generated tokens (default 16)")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=3, help="free decoding: n-gram blocking (3)")
     parser.add_argument("--answers", help="comma-separated answers to constrain the output to, e.g. yes,no")
-    parser.add_argument("--image-size", type=int, default=256, help="patch image size (default 256)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="patch image size (default: the model's fine-tuning one, else 256)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return parser
 
@@ -61,18 +65,25 @@ class Generator:
         max_len_b: int = 16,
         no_repeat_ngram_size: int = 3,
         answers: list[str] | None = None,
-        image_size: int = 256,
+        image_size: int | None = None,
         device: str | None = None,
     ) -> None:
         import torch
 
+        from biomedgpt.data.finetune_tasks import IMAGENET_MEAN, IMAGENET_STD, read_task_file
+        from biomedgpt.data.images import DEFAULT_MEAN, DEFAULT_STD
         from biomedgpt.model import BiomedGPTForConditionalGeneration, DecodingConfig, Trie
         from biomedgpt.tokenizer import BiomedGPTTokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = BiomedGPTTokenizer.from_pretrained(model_dir)
         self.model = BiomedGPTForConditionalGeneration.from_pretrained(model_dir).to(self.device).eval()
-        self.image_size = image_size
+        recorded = read_task_file(model_dir) or {}
+        self.task = recorded.get("task")
+        self.image_size = image_size or int(recorded.get("patch_image_size") or 256)
+        imagenet = bool(recorded.get("imagenet_normalization"))
+        self.mean, self.std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (DEFAULT_MEAN, DEFAULT_STD)
+        answers = answers or recorded.get("answers")
         if answers:
             trie = Trie.from_answers(answers, self.tokenizer)
             self.decoding = DecodingConfig(
@@ -86,15 +97,24 @@ class Generator:
     def __call__(self, image_path: str | Path, prompt: str) -> str:
         import torch
 
+        from biomedgpt.data.examples import normalize_text
         from biomedgpt.data.images import image_to_tensor, load_image
         from biomedgpt.model import generate
 
         tok = self.tokenizer
-        image = image_to_tensor(load_image(image_path), self.image_size)[None].to(self.device)
-        ids = [tok.bos_id, *tok.encode(format_prompt(prompt)), tok.eos_id]
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        image = image_to_tensor(load_image(image_path), self.image_size, self.mean, self.std)[None].to(self.device)
+        if self.task == "vqa":  # the question as VQA fine-tuning wrote it: cleaned, with a question mark
+            question = normalize_text(prompt)
+            prompt_ids = tok.encode(" " + (question if question.endswith("?") else question + "?"))
+        else:
+            prompt_ids = tok.encode(format_prompt(prompt))
+        input_ids = torch.tensor([[tok.bos_id, *prompt_ids, tok.eos_id]], dtype=torch.long, device=self.device)
         masks = torch.ones(1, dtype=torch.bool, device=self.device)
-        hyps = generate(self.model, input_ids, patch_images=image, patch_masks=masks, config=self.decoding)[0]
+        # A VQA fine-tune reads the question on the decoder side too (prompt_type prev_output) and answers after it.
+        prefix = [prompt_ids] if self.task == "vqa" else None
+        hyps = generate(
+            self.model, input_ids, patch_images=image, patch_masks=masks, config=self.decoding, prefix_tokens=prefix
+        )[0]
         return tok.decode(hyps[0].generated_tokens).strip() if hyps else ""
 
 
@@ -126,7 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail("give --image and --prompt, or --batch FILE.jsonl")
     if args.batch is not None and (args.image is not None or args.prompt is not None):
         return fail("--batch cannot be combined with --image/--prompt")
-    if args.beam < 1 or args.max_len_b < 1 or args.image_size < 16 or args.image_size % 16:
+    if (
+        args.beam < 1
+        or args.max_len_b < 1
+        or (args.image_size is not None and (args.image_size < 16 or args.image_size % 16))
+    ):
         return fail("--beam and --max-len-b must be >= 1, --image-size a positive multiple of 16")
     answers = [a.strip() for a in args.answers.split(",") if a.strip()] if args.answers else None
     if args.answers is not None and not answers:

@@ -119,6 +119,9 @@ def test_finetune_validate_keep_best_then_evaluate(task, data_root, tmp_path):
     if task == "vqa":
         assert again["closed_count"] + again["open_count"] == again["count"]
 
+    if task == "vqa":
+        check_generate_answers_as_evaluation(best_dir, converted / "vqa_val", tmp_path)
+
     # The consolidated final checkpoint evaluates on the test split.
     model_dir = run_dir / "model"
     consolidate_checkpoint(run_dir / "ckpt", model_dir, progress=False)
@@ -136,6 +139,36 @@ def test_finetune_validate_keep_best_then_evaluate(task, data_root, tmp_path):
         check_resume_keeps_ema_and_best(
             data_root, run_dir, json.loads((best_dir / "validation_metrics.json").read_text())
         )
+
+
+def check_generate_answers_as_evaluation(best_dir: Path, val_data: Path, tmp_path: Path) -> None:
+    """biomedgpt-generate on a fine-tuned VQA directory answers like the evaluation: the question as decoder
+    prefix, the candidate answers and image size from the directory (greedy, as the VQA evaluation decodes)."""
+    import torch
+
+    from biomedgpt.cli.generate import main as generate_main
+    from biomedgpt.data.images import decode_image
+    from biomedgpt.evaluation.runner import iter_rows
+
+    predictions = {
+        r["id"]: r["prediction"] for r in map(json.loads, (tmp_path / "eval_best" / "predictions.jsonl").open())
+    }
+    row = next(r for r in iter_rows(val_data) if not r.get("objects"))  # no objects: the same encoder input
+    image, requests, answers = tmp_path / "question.png", tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    decode_image(row["image"], "val row").save(image)
+    requests.write_text(json.dumps({"image": str(image), "prompt": row["question"]}) + "\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = generate_main(["--model", str(best_dir), "--batch", str(requests), "--beam", "1",
+                              "--out", str(answers)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    output = json.loads(answers.read_text())["output"]
+    recorded = json.loads((best_dir / "finetune_task.json").read_text())["answers"]
+    assert output in recorded
+    assert output == predictions[str(row["question_id"])]
 
 
 def check_resume_keeps_ema_and_best(data_root: Path, run_dir: Path, first_best: dict) -> None:
