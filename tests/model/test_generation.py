@@ -12,36 +12,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from model_configs import TEST_VOCAB, small_test_config
 
-from biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt import BiomedGPTForConditionalGeneration
 from biomedgpt.model.generation import DecodingConfig, Hypothesis, Trie, generate, score_candidates
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
-VOCAB = 9300
+VOCAB = TEST_VOCAB
 
 SOURCES = [[BOS, 10, 11, 12, EOS], [BOS, 20, 21, 22, 23, EOS], [BOS, 30, 31, EOS]]
 # Two targets per source, so the trained model is uncertain (about 50/50) at one step and stops at varying lengths.
 TARGETS = [[[40, 41], [40, 42, 43]], [[50], [51, 52, 53, 54]], [[60, 61, 62], [60]]]
 ANSWERS = [[40, 41], [40, 42, 43], [40], [50], [60, 61, 62]]
-
-
-def small_config() -> BiomedGPTConfig:
-    return BiomedGPTConfig.for_size(
-        "tiny",
-        vocab_size=VOCAB,
-        dropout=0.0,
-        encoder_drop_path_rate=0.0,
-        decoder_drop_path_rate=0.0,
-        encoder_layers=2,
-        decoder_layers=2,
-        d_model=64,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        resnet_type="resnet50",
-    )
 
 
 def pad_rows(rows: list[list[int]]) -> torch.Tensor:
@@ -52,14 +35,14 @@ def pad_rows(rows: list[list[int]]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def random_model() -> BiomedGPTForConditionalGeneration:
     torch.manual_seed(0)
-    return BiomedGPTForConditionalGeneration(small_config()).eval()
+    return BiomedGPTForConditionalGeneration(small_test_config(ffn_dim=128, resnet_type="resnet50")).eval()
 
 
 @pytest.fixture(scope="module")
 def trained_model() -> BiomedGPTForConditionalGeneration:
     """A model fitted for a few steps to SOURCES -> TARGETS: it emits eos at different steps (about 1.5 s)."""
     torch.manual_seed(0)
-    model = BiomedGPTForConditionalGeneration(small_config())
+    model = BiomedGPTForConditionalGeneration(small_test_config(ffn_dim=128, resnet_type="resnet50"))
     pairs = [(s, t + [EOS]) for s, ts in zip(SOURCES, TARGETS) for t in ts]
     src, tgt = pad_rows([s for s, _ in pairs]), pad_rows([t for _, t in pairs])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

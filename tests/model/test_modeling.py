@@ -1,30 +1,13 @@
 import pytest
 import safetensors.torch
 import torch
+from model_configs import TEST_VOCAB, small_test_config
 from transformers import AutoModelForSeq2SeqLM
 
 from biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from biomedgpt.model.layers import DropPath
 
-VOCAB = 9300  # 4 specials + a few text tokens + <mask> + 8192 codes + 1000 bins
-
-
-def small_config(**overrides) -> BiomedGPTConfig:
-    settings = dict(
-        vocab_size=VOCAB,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        dropout=0.0,
-        encoder_drop_path_rate=0.0,
-        decoder_drop_path_rate=0.0,
-    )
-    settings.update(overrides)
-    return BiomedGPTConfig.for_size("tiny", **settings)
+VOCAB = TEST_VOCAB
 
 
 def make_batch(batch=3, text_len=7, target_len=5, image_px=64, seed=0):
@@ -42,7 +25,7 @@ def make_batch(batch=3, text_len=7, target_len=5, image_px=64, seed=0):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return BiomedGPTForConditionalGeneration(small_config()).eval()
+    return BiomedGPTForConditionalGeneration(small_test_config(ffn_dim=128)).eval()
 
 
 def test_forward_returns_seq2seq_output(model):
@@ -56,7 +39,7 @@ def test_forward_returns_seq2seq_output(model):
 
 def test_sdpa_and_reference_attention_agree_in_values_and_gradients():
     torch.manual_seed(1)
-    model = BiomedGPTForConditionalGeneration(small_config())
+    model = BiomedGPTForConditionalGeneration(small_test_config(ffn_dim=128))
     batch = make_batch()
     labels = torch.randint(4, 100, batch["decoder_input_ids"].shape)
     results = {}
@@ -232,7 +215,7 @@ def test_bf16_forward_close_to_fp32(model, backend):
 
 
 def test_frozen_batch_norm_has_no_trainable_statistics():
-    model = BiomedGPTForConditionalGeneration(small_config(resnet_norm="frozen")).train()
+    model = BiomedGPTForConditionalGeneration(small_test_config(ffn_dim=128, resnet_norm="frozen")).train()
     names = {n for n, _ in model.named_parameters()}
     assert not any(".bn" in n or "downsample.1" in n for n in names)
     assert "encoder.embed_images.bn1.running_var" in model.state_dict()

@@ -18,34 +18,21 @@ from typing import Any
 
 import pytest
 import torch
+from model_configs import TEST_VOCAB as VOCAB
+from model_configs import small_test_config
 
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from biomedgpt.train.ema import ShardedEMA, materialize_full_model, plain_copy
 
 REPO = Path(__file__).resolve().parents[2]
-VOCAB = 9300  # the smallest vocabulary the config accepts is 4 + 1 + 8192 codes + 1000 bins
 DECAY = 0.9  # far from 1, so a few steps move the EMA visibly away from the weights
 START_STEP = 2  # step 1 only copies the weights
 STEPS = 4
 
 
-def tiny_config(**overrides: Any) -> BiomedGPTConfig:
+def tiny_config_with_padding(**overrides: Any) -> BiomedGPTConfig:
     # Three heads make the relative-position tables and c_attn odd-sized, so ZeRO-3 pads their partitions.
-    settings: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        d_model=48,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=3,
-        decoder_attention_heads=3,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        dropout=0.0,
-        encoder_drop_path_rate=0.0,
-        decoder_drop_path_rate=0.0,
-    )
-    settings.update(overrides)
-    return BiomedGPTConfig.for_size("tiny", **settings)
+    return small_test_config(d_model=48, layers=1, heads=3, ffn_dim=48, **overrides)
 
 
 def make_batch(seed: int) -> dict[str, torch.Tensor]:
@@ -160,7 +147,7 @@ def test_state_dict_round_trip_and_mismatch_names_the_parameter():
 
 def test_plain_copy_of_biomedgpt_is_equal_tied_and_runs_the_same():
     torch.manual_seed(0)
-    model = BiomedGPTForConditionalGeneration(tiny_config()).eval()
+    model = BiomedGPTForConditionalGeneration(tiny_config_with_padding()).eval()
     copy = plain_copy(model, "cpu")
     assert not copy.training
     assert copy.decoder.output_projection.weight is copy.encoder.embed_tokens.weight
@@ -235,7 +222,7 @@ def _worker(out: Path) -> None:
     ds = _ds_config(world)
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=dict(ds)):
-        model = BiomedGPTForConditionalGeneration(tiny_config())
+        model = BiomedGPTForConditionalGeneration(tiny_config_with_padding())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds))
     module = engine.module
@@ -286,7 +273,7 @@ def _worker(out: Path) -> None:
     # layout) loads both ranks' EMA states.
     solo_groups = [dist.new_group([r]) for r in range(world)]
     with deepspeed.zero.Init(config_dict_or_path=dict(ds), data_parallel_group=solo_groups[rank]):
-        solo = BiomedGPTForConditionalGeneration(tiny_config())
+        solo = BiomedGPTForConditionalGeneration(tiny_config_with_padding())
     solo_ema = ShardedEMA(solo, decay=DECAY, start_step=START_STEP)
     result["solo_layout"] = [
         solo_ema.rank,
@@ -307,7 +294,7 @@ def _worker(out: Path) -> None:
 
     # 4. ZeRO-2: full parameters on every rank, so every rank's EMA is whole; its states load into the ZeRO-3 layout.
     torch.manual_seed(0)
-    model2 = BiomedGPTForConditionalGeneration(tiny_config())
+    model2 = BiomedGPTForConditionalGeneration(tiny_config_with_padding())
     optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2, weight_decay=0.01)
     ds2 = {**ds, "zero_optimization": {"stage": 2}}
     engine2, _, _, _ = deepspeed.initialize(model=model2, optimizer=optimizer2, config=ds2)
@@ -340,7 +327,8 @@ def zero3_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
         __file__, str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    tests_dir = str(Path(__file__).resolve().parents[1])  # the script imports model_configs from tests/
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": tests_dir}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
@@ -391,7 +379,7 @@ def test_zero2_full_parameters(zero3_job):
 def test_zero3_ema_state_loads_into_a_plain_model(zero3_job):
     """2 ZeRO-3 ranks -> one process without DeepSpeed or a process group (a plain fp32 model)."""
     torch.manual_seed(1)
-    model = BiomedGPTForConditionalGeneration(tiny_config())
+    model = BiomedGPTForConditionalGeneration(tiny_config_with_padding())
     ema = ShardedEMA(model, decay=DECAY)
     ema.load_state_dicts([torch.load(zero3_job / f"ema_rank{r}.pt") for r in (1, 0)])  # any order
     expected = torch.load(zero3_job / "ema_full_rank0.pt")
@@ -400,9 +388,9 @@ def test_zero3_ema_state_loads_into_a_plain_model(zero3_job):
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
     with pytest.raises(ValueError, match=r"missing from the checkpoint: .*encoder\.layers\.1\.fc1"):
-        ShardedEMA(BiomedGPTForConditionalGeneration(tiny_config(encoder_layers=2)), decay=DECAY).load_state_dicts(
-            [torch.load(zero3_job / f"ema_rank{r}.pt") for r in (0, 1)]
-        )
+        ShardedEMA(
+            BiomedGPTForConditionalGeneration(tiny_config_with_padding(encoder_layers=2)), decay=DECAY
+        ).load_state_dicts([torch.load(zero3_job / f"ema_rank{r}.pt") for r in (0, 1)])
 
 
 if __name__ == "__main__":
