@@ -73,3 +73,17 @@ def mlflow_runs(store: Path, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment {experiment!r} in {store}"
     return client.search_runs([found.experiment_id])
+
+
+def torchrun_script(script: str | Path, argument: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run a test file as a ``torchrun`` script (its ``__main__`` part) with ``argument``, in that folder; fail the
+    test with its output unless it exits 0. tests/ is on its PYTHONPATH for the shared helper modules."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        str(script), str(argument),
+    ]  # fmt: skip
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": tests_dir}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=argument)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -130,19 +129,10 @@ def _make_checkpoints(root: Path) -> None:
 def zero_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``root/<variant>/ckpt`` and ``root/<variant>/gathered.pt`` for every entry of ``VARIANTS``;
     ``root/variants.json`` lists them with the tag."""
-    import socket
+    from training_jobs import torchrun_script
 
     root = tmp_path_factory.mktemp("zero_ckpts")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-        __file__, str(root),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun_script(__file__, root)
     (root / "variants.json").write_text(json.dumps({"tag": TAG, "variants": VARIANTS}))
     return root
 

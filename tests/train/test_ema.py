@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pytest
 import torch
 from model_configs import TEST_VOCAB as VOCAB
 from model_configs import small_test_config
+from training_jobs import torchrun_script
 
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from biomedgpt.train.ema import ShardedEMA, materialize_full_model, plain_copy
@@ -320,17 +319,7 @@ def _worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def zero3_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ema_zero3")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-        __file__, str(out),
-    ]  # fmt: skip
-    tests_dir = str(Path(__file__).resolve().parents[1])  # the script imports model_configs from tests/
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": tests_dir}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun_script(__file__, out)
     return out
 
 
