@@ -69,3 +69,22 @@ def test_model_state_memory_follows_the_zero_stages():
     assert stage0["total"] == 16e9  # 2 + 2 + 12 bytes per parameter
     assert stage3["total"] == 2e9
     assert model_state_bytes_per_rank(one_billion, 2, 4, bf16=False)["weights"] == 4e9
+
+
+def test_fine_tuning_recipes_and_validation_settings_are_checked():
+    def finetune(name: str, *overrides: str) -> TrainConfig:
+        return load_config(TrainConfig, name, list(overrides), presets=preset_paths())
+
+    vqa = finetune("finetune_vqa")
+    assert vqa.ema.enabled and vqa.ema.decay == 0.9999 and vqa.validation.use_ema
+    caption = finetune("finetune_caption")
+    assert (caption.optim.drop_worst_ratio, caption.optim.drop_worst_after) == (0.2, 600)
+    assert caption.validation.metric == "cider" and caption.validation.beam == 5
+    with pytest.raises(ValueError, match="validation.metric='bleu' is not a caption metric; choose one of"):
+        finetune("finetune_caption", "validation.metric=bleu")
+    with pytest.raises(ValueError, match="validation.data is for fine-tuning tasks"):
+        demo("validation.data=somewhere")
+    with pytest.raises(ValueError, match=r"drop_worst_ratio=1.0 must lie in \[0, 1\)"):
+        finetune("finetune_caption", "optim.drop_worst_ratio=1.0")
+    with pytest.raises(ValueError, match=r"ema.decay=1.0 must lie in \(0, 1\)"):
+        finetune("finetune_vqa", "ema.decay=1.0")
