@@ -33,10 +33,30 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def task_overrides(task: str, data_root: Path, run_dir: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A model directory to start from (as a consolidated pretraining run or an imported checkpoint gives)."""
+    import torch
+
+    from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from biomedgpt.tokenizer import BiomedGPTTokenizer
+
+    directory = tmp_path_factory.mktemp("pretrained")
+    tokenizer = BiomedGPTTokenizer.default()
+    torch.manual_seed(0)
+    BiomedGPTForConditionalGeneration(BiomedGPTConfig.for_size("tiny", vocab_size=len(tokenizer))).save_pretrained(
+        directory
+    )
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def task_overrides(task: str, data_root: Path, run_dir: Path, start_from: Path | None = None) -> list[str]:
     corpus, converted = data_root / "corpus", data_root / "converted"
+    start = [f"model.init_from={start_from}", f"data.tokenizer={start_from}"] if start_from else [
+        "model.init_from=null", "data.tokenizer=null"]  # fmt: skip
     common = [
-        "model.size=tiny", "model.init_from=null", "data.tokenizer=null", f"data.train={converted / f'{task}_train'}",
+        "model.size=tiny", *start, f"data.train={converted / f'{task}_train'}",
         "precision=fp32", "deepspeed_config=zero3_cpu.json", f"checkpoint.dir={run_dir / 'ckpt'}",
         f"optim.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", f"validation.data={converted / f'{task}_val'}",
         f"validation.every_steps={EVERY}", "validation.batch_size=1", f"tracking.experiment=finetune-{task}", *SMALL,
@@ -74,12 +94,14 @@ def eval_cli(model_dir: Path, task: str, data: Path, out: Path, *extra: str) -> 
 
 
 @pytest.mark.parametrize("task", ["vqa", "caption", "summarization", "nli", "classification"])
-def test_finetune_validate_keep_best_then_evaluate(task, data_root, tmp_path):
+def test_finetune_validate_keep_best_then_evaluate(task, data_root, pretrained, tmp_path):
     from biomedgpt.checkpoint.consolidate import consolidate_checkpoint
     from biomedgpt.evaluation.runner import TASK_METRICS, iter_rows
 
     run_dir = tmp_path / task
-    proc = run_training(run_dir, f"finetune_{task}", task_overrides(task, data_root, run_dir), nproc=2)
+    # Classification starts from a model directory (model.init_from), the others from scratch.
+    start_from = pretrained if task == "classification" else None
+    proc = run_training(run_dir, f"finetune_{task}", task_overrides(task, data_root, run_dir, start_from), nproc=2)
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     metric = TASK_METRICS[task][0]
     validations = {r["step"]: r[f"val/{metric}"] for r in metric_records(run_dir) if f"val/{metric}" in r}
@@ -119,6 +141,13 @@ def test_finetune_validate_keep_best_then_evaluate(task, data_root, tmp_path):
     if task == "vqa":
         assert again["closed_count"] + again["open_count"] == again["count"]
 
+    if start_from is not None:
+        # The recipe freezes the shared embedding: it is the starting model's, the rest has moved.
+        start, tuned = load_file(start_from / "model.safetensors"), load_file(best_dir / "model.safetensors")
+        embedding = next(k for k in tuned if k.endswith("embed_tokens.weight"))
+        assert tuned[embedding].equal(start[embedding])
+        moved = next(k for k in tuned if "layers.0" in k and k.endswith("fc1.weight"))
+        assert not tuned[moved].equal(start[moved])
     if task == "vqa":
         check_generate_answers_as_evaluation(best_dir, converted / "vqa_val", tmp_path)
 
