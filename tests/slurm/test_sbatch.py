@@ -35,25 +35,29 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def submit(run_dir: Path, data_root: Path, partition: str, steps: int, every: int) -> str:
-    """``sbatch slurm/pretrain.sbatch`` from ``run_dir`` with the template's variables in the environment."""
+def sbatch(template: Path, run_dir: Path, partition: str, variables: dict[str, str], *options: str) -> str:
+    """``sbatch TEMPLATE`` from ``run_dir`` with the template's variables in the environment; the job id."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    overrides = [o for o in demo_overrides(data_root, steps) if not o.startswith("checkpoint.dir=")]
-    env = dict(os.environ)
-    env.update(
-        CONFIG="demo",
-        OVERRIDES=" ".join([*overrides, *SMALL, f"checkpoint.every_steps={every}"]),
-        CHECKPOINT_DIR=str(run_dir / "ckpt"),
-        MLFLOW_TRACKING_URI=f"sqlite:///{run_dir / 'mlruns.db'}",
-        CPU_PROCS_PER_NODE="2",
-    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir / 'mlruns.db'}", **variables}
     command = [
         "sbatch", "--parsable", f"--partition={partition}", "--gpus-per-node=0", "--cpus-per-task=2", "--time=20",
-        "--job-name=biomedgpt-test", str(TEMPLATE),
+        "--job-name=biomedgpt-test", *options, str(template),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
+
+
+def submit(run_dir: Path, data_root: Path, partition: str, steps: int, every: int) -> str:
+    """``sbatch slurm/pretrain.sbatch`` running the demo pretraining for ``steps`` steps."""
+    overrides = [o for o in demo_overrides(data_root, steps) if not o.startswith("checkpoint.dir=")]
+    variables = dict(
+        CONFIG="demo",
+        OVERRIDES=" ".join([*overrides, *SMALL, f"checkpoint.every_steps={every}"]),
+        CHECKPOINT_DIR=str(run_dir / "ckpt"),
+        CPU_PROCS_PER_NODE="2",
+    )
+    return sbatch(TEMPLATE, run_dir, partition, variables)
 
 
 def job_fields(job_id: str) -> dict[str, str]:
@@ -160,3 +164,40 @@ def test_usr1_checkpoints_requeues_and_resumes_in_the_same_mlflow_run(slurm_clus
     assert run.info.status == "FINISHED"
     assert run.info.run_id == (tmp_path / "ckpt" / "mlflow_run_id").read_text().strip()
     assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, steps + 1))
+
+
+def test_finetune_then_evaluate_sbatch_chain(slurm_cluster, data_root, tmp_path):
+    """finetune.sbatch (NLI preset, validation keeping the best model) and evaluate.sbatch on that best model,
+    submitted together with a SLURM dependency, as a user chains them."""
+    converted = data_root / "converted"
+    overrides = [
+        "model.size=tiny", "model.init_from=null", "data.tokenizer=null", f"data.train={converted / 'nli_train'}",
+        "precision=fp32", "deepspeed_config=zero3_cpu.json", "optim.max_steps=2", "checkpoint.every_steps=2",
+        f"validation.data={converted / 'nli_val'}", "validation.every_steps=2", *SMALL,
+    ]  # fmt: skip
+    finetune = sbatch(
+        REPO / "slurm" / "finetune.sbatch", tmp_path, slurm_cluster,
+        dict(CONFIG="finetune_nli", OVERRIDES=" ".join(overrides), CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+             CPU_PROCS_PER_NODE="2"),
+    )  # fmt: skip
+    evaluation = sbatch(
+        REPO / "slurm" / "evaluate.sbatch", tmp_path, slurm_cluster,
+        dict(MODEL=str(tmp_path / "ckpt" / "best"), TASK="nli", DATA=str(converted / "nli_test"),
+             OUT=str(tmp_path / "eval")),
+        f"--dependency=afterok:{finetune}",
+    )  # fmt: skip
+    try:
+        trained = wait_for_job(tmp_path, finetune)
+        evaluated = wait_for_job(tmp_path, evaluation)
+    finally:
+        subprocess.run(["scancel", finetune, evaluation], capture_output=True)
+    assert trained["JobState"] == "COMPLETED", log_of(tmp_path, finetune)[-4000:]
+    assert "validation at step 2: accuracy=" in log_of(tmp_path, finetune)
+    assert evaluated["JobState"] == "COMPLETED", log_of(tmp_path, evaluation)[-4000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    from biomedgpt.evaluation.runner import iter_rows
+
+    assert metrics["task"] == "nli" and metrics["count"] == len(list(iter_rows(converted / "nli_test")))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    evaluations = client.search_runs([client.get_experiment_by_name("biomedgpt-eval").experiment_id])
+    assert len(evaluations) == 1 and evaluations[0].data.metrics["accuracy"] == metrics["accuracy"]
