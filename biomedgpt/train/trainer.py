@@ -216,8 +216,10 @@ class Trainer:
 
     def run(self) -> int:
         config = self.config
-        # DeepSpeed 0.19 calls a collective torch deprecated in 2.14, once per parameter gather.
-        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+        # DeepSpeed 0.19 calls collectives torch deprecated in 2.14, once per parameter gather / gradient reduction.
+        warnings.filterwarnings(
+            "ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated", category=FutureWarning
+        )
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.context: DistributedContext = init_distributed()
