@@ -6,7 +6,10 @@ Run with ``make demo`` (or ``python -m biomedgpt.demo [--out DIR] [--steps N]``)
 2. the sample corpus in BiomedGPT's TSV formats, converted to Parquet shards for mosaicml-streaming;
 3. pretraining of the tiny model with DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), logged to MLflow (``mlruns.db``);
 4. where the checkpoint and the MLflow run are, the checkpoint consolidated into a Hugging Face directory
-   (``demo_out/model``), and what to run next.
+   (``demo_out/model``);
+5. VQA fine-tuning from that directory (``finetune_vqa`` preset: trie-constrained answers, EMA, validation keeping
+   the best model in ``demo_out/finetune_vqa/best``), then ``biomedgpt-eval`` of the best model on the test split,
+   and what to run next.
 """
 
 from __future__ import annotations
@@ -134,8 +137,23 @@ def demo_overrides(root: Path, steps: int) -> list[str]:
     ]
 
 
-def launch_training(root: Path, steps: int, console: Console, nproc: int = 2) -> int:
-    """torchrun with ``nproc`` CPU ranks running ``biomedgpt-train --config demo``."""
+def finetune_overrides(root: Path, steps: int) -> list[str]:
+    """The ``finetune_vqa`` preset shrunk to the demo: from the consolidated demo model, a few steps on 2 CPU ranks."""
+    converted, corpus = root / "converted", root / "corpus"
+    return [
+        f"model.init_from={root / 'model'}", f"data.tokenizer={root / 'model'}", "model.size=tiny",
+        f"data.train={converted / 'vqa_train'}", f"data.answers={corpus / 'vqa_ans2label.json'}",
+        "data.patch_image_size=128", "precision=fp32", "deepspeed_config=zero3_cpu.json",
+        "batch.global_batch_size=8", "batch.micro_batch_size=4", f"optim.max_steps={steps}", "optim.lr=1e-4",
+        "ema.decay=0.9", f"validation.data={converted / 'vqa_val'}", f"validation.every_steps={max(1, steps // 2)}",
+        f"validation.answer_types={corpus / 'vqa_answer_types.json'}", "validation.batch_size=16",
+        f"checkpoint.dir={root / 'finetune_vqa'}", f"checkpoint.every_steps={steps}",
+        "tracking.experiment=biomedgpt-demo", "tracking.run_name=demo-finetune-vqa", "log_every_steps=5",
+    ]  # fmt: skip
+
+
+def launch_training(root: Path, steps: int, console: Console, nproc: int = 2, finetune: bool = False) -> int:
+    """torchrun with ``nproc`` CPU ranks running ``biomedgpt-train --config demo`` (or the demo's VQA fine-tune)."""
     import socket
     import subprocess
     import sys
@@ -152,10 +170,10 @@ def launch_training(root: Path, steps: int, console: Console, nproc: int = 2) ->
         "-m",
         "biomedgpt.train",
         "--config",
-        "demo",
-        *demo_overrides(root, steps),
+        *(["finetune_vqa", *finetune_overrides(root, steps)] if finetune else ["demo", *demo_overrides(root, steps)]),
     ]
-    console.print(f"[bold]Pretraining[/bold] (ZeRO-3, {nproc} CPU ranks): {' '.join(command[2:])}")
+    what = "Fine-tuning" if finetune else "Pretraining"
+    console.print(f"[bold]{what}[/bold] (ZeRO-3, {nproc} CPU ranks): {' '.join(command[2:])}", soft_wrap=True)
     return subprocess.call(command)
 
 
@@ -174,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out)")
     parser.add_argument("--steps", type=int, default=30, help="pretraining steps (default 30)")
+    parser.add_argument("--finetune-steps", type=int, default=10, help="VQA fine-tuning steps (default 10)")
     parser.add_argument("--skip-tour", action="store_true", help="skip step 1 (the untrained model tour)")
     args = parser.parse_args(argv)
     console = Console()
@@ -204,6 +223,26 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"MLflow run: {run.info.run_id} ({run.info.status}, final loss {loss:.4f}) in {uri}")
     consolidated = consolidate_checkpoint(checkpoints, root / "model", overwrite=True, progress=False)
     console.print(f"consolidated: {consolidated.summary()}", soft_wrap=True)
+
+    console.rule("5. VQA fine-tuning and evaluation")
+    shutil.rmtree(root / "finetune_vqa", ignore_errors=True)
+    code = launch_training(root, args.finetune_steps, console, finetune=True)
+    if code != 0:
+        console.print(f"[red]fine-tuning failed with exit code {code}[/red]")
+        return code
+    from biomedgpt.evaluation.runner import evaluate, load_answer_types
+
+    best = root / "finetune_vqa" / "best"
+    metrics = evaluate(
+        best, "vqa", root / "converted" / "vqa_test", root / "eval_vqa", tracking_uri=uri, progress=False,
+        answer_types=load_answer_types(root / "corpus" / "vqa_answer_types.json"),
+    )  # fmt: skip
+    table = Table(title=f"biomedgpt-eval of {best} on the VQA test split ({metrics['count']} questions)")
+    for column in ("overall", "closed", "open"):
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{metrics[key]:.3f}" for key in ("accuracy", "closed_accuracy", "open_accuracy")))
+    console.print(table)
+    console.print(f"predictions: {root / 'eval_vqa' / 'predictions.jsonl'} (a few steps: do not expect much)")
     console.print(
         "\nNext:\n"
         f"  mlflow ui --backend-store-uri {uri}   # browse the run\n"
@@ -212,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         "  biomedgpt-compare demo-tiny --metrics loss lr --plot demo_out/loss.png   # runs side by side\n"
         f"  torchrun --nproc_per_node 2 -m biomedgpt.train --config demo {' '.join(demo_overrides(args.out, 60))}"
         "   # continue to 60 steps from the checkpoint\n"
-        "  biomedgpt-train --config demo --dry-run   # resolved config, DeepSpeed config, memory estimate",
+        "  biomedgpt-train --config demo --dry-run   # resolved config, DeepSpeed config, memory estimate\n"
+        f"  biomedgpt-generate --model {args.out / 'finetune_vqa' / 'best'} --image "
+        f"{pydicom.data.get_testdata_file('CT_small.dcm')} --prompt 'what modality is this image?'"
+        "   # ask the fine-tuned model",
         soft_wrap=True,
     )
     return 0
