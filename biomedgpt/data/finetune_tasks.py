@@ -73,7 +73,9 @@ def write_task_file(directory: str | os.PathLike, task_config: FinetuneTaskConfi
     }
     path = Path(directory) / TASK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(record, indent=2) + "\n")
+    staging.replace(path)  # a reader never sees half a file
     return path
 
 

@@ -20,6 +20,7 @@ class LossOutput:
     nll_loss: torch.Tensor
     ntokens: int
     per_example: torch.Tensor  # [B] summed loss of each example (for per-task metrics), detached
+    per_example_tokens: torch.Tensor  # [B] target tokens of each example the loss covers (after dropping)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -75,4 +76,13 @@ def label_smoothed_cross_entropy(
         loss, indices = torch.topk(loss, kept, largest=False, sorted=False)
         nll, example_of_token = nll[indices], example_of_token[indices]
     per_example = torch.zeros(target.shape[0], device=loss.device).index_add_(0, example_of_token, loss.detach())
-    return LossOutput(loss=loss.sum(), nll_loss=nll.sum(), ntokens=int(loss.shape[0]), per_example=per_example)
+    per_example_tokens = torch.zeros(target.shape[0], dtype=torch.long, device=loss.device).index_add_(
+        0, example_of_token, torch.ones_like(example_of_token)
+    )
+    return LossOutput(
+        loss=loss.sum(),
+        nll_loss=nll.sum(),
+        ntokens=int(loss.shape[0]),
+        per_example=per_example,
+        per_example_tokens=per_example_tokens,
+    )

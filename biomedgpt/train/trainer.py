@@ -169,7 +169,7 @@ class Trainer:
                 part = out.loss / max(float(global_tokens[index]), 1.0) * (world * accumulation)
                 loss = part if loss is None else loss + part
                 loss_sums[index] += float(out.loss.detach())
-                tokens = batch["target"].ne(pad).sum(1)
+                tokens = out.per_example_tokens  # the kept ones when the worst are dropped
                 input_tokens += int(batch["input_ids"].ne(pad).sum()) + int(batch["decoder_input_ids"].ne(pad).sum())
                 for task, example_loss, ntok in zip(batch["tasks"], out.per_example.tolist(), tokens.tolist()):
                     if task in ALL_TASKS:
@@ -280,6 +280,8 @@ class Trainer:
         progress = self._progress(step)
         status = "FINISHED"
         try:
+            if self.validator is not None and self.validator.missed(step):
+                self._validate(step, tracker)  # the previous job stopped on a due step before validating it
             while step < config.optim.max_steps:
                 wait_started = time.perf_counter()
                 micro_batches = self._next_micro_batches(accumulation)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +72,40 @@ class Validator:
         self.best_dir = Path(config.checkpoint.dir) / BEST_DIR
         self.best_value: float | None = None
         self.best_step: int | None = None
+        self.last_step: int | None = None  # the step last validated (a stop may skip a due validation)
+        previous = self.best_dir.with_name(self.best_dir.name + ".old")
+        if rank == 0 and not self.best_dir.exists() and previous.is_dir():
+            previous.rename(self.best_dir)  # a crash between the two renames of _write_best left it there
 
     # ------------------------------------------------------------------------------------------------ schedule
 
     def due(self, step: int) -> bool:
         return step % self.config.validation.every_steps == 0 or step == self.config.optim.max_steps
 
+    def missed(self, step: int) -> bool:
+        """A due validation of ``step`` that did not run (the job stopped on that step): run it on resume."""
+        return step > 0 and self.due(step) and self.last_step != step
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best_value": self.best_value, "best_step": self.best_step, "metric": self.metric}
+        return {
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "metric": self.metric,
+            "last_step": self.last_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state and state.get("metric") == self.metric:
+        if not state:
+            return
+        self.last_step = state.get("last_step")
+        if state.get("metric") == self.metric:
             self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
+        elif self.rank == 0 and state.get("best_value") is not None:
+            warnings.warn(
+                f"validation.metric changed from {state.get('metric')!r} to {self.metric!r}: the best model in "
+                f"{self.best_dir} (by {state.get('metric')}) will be replaced by the next validation",
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -104,25 +127,37 @@ class Validator:
             dist.all_gather_object(shares, list(zip(numbers, records)))
         result: list[Any] = [None]
         if self.rank == 0:
-            ordered = [record for _, record in sorted(pair for share in shares for pair in share)]
-            metrics = self.evaluator.metrics(ordered, self.answer_types)
-            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None}
-            if self.metric not in numeric:
-                raise ValueError(
-                    f"validation metric {self.metric!r} is missing from {sorted(numeric)} (closed/open VQA "
-                    "accuracies need validation.answer_types)"
-                )
-            improved = self.best_value is None or numeric[self.metric] > self.best_value
-            if improved:
-                self._write_best(model, step, metrics, ordered, use_ema)
-            result = [(numeric, improved)]
+            try:
+                result = [self._score_and_keep(model, step, shares, use_ema)]
+            except Exception as error:  # every rank must hear of it: the others wait in the broadcast below
+                result = [error]
         if _distributed():
             dist.broadcast_object_list(result, src=0)
+        if isinstance(result[0], Exception):
+            raise ValueError(f"validation at step {step} failed on rank 0: {result[0]}") from result[0]
         numeric, improved = result[0]
         if improved:
             self.best_value, self.best_step = numeric[self.metric], step
+        self.last_step = step
         del model
         return numeric
+
+    def _score_and_keep(
+        self, model: torch.nn.Module, step: int, shares: list[Any], use_ema: bool
+    ) -> tuple[dict[str, float], bool]:
+        """Rank 0: metrics over every rank's predictions; a new best model is written."""
+        ordered = [record for _, record in sorted(pair for share in shares for pair in share)]
+        metrics = self.evaluator.metrics(ordered, self.answer_types)
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None}
+        if self.metric not in numeric:
+            raise ValueError(
+                f"validation metric {self.metric!r} has no value on {self.config.validation.data} "
+                f"(no questions of that kind among the validated rows?); it has {sorted(numeric)}"
+            )
+        improved = self.best_value is None or numeric[self.metric] > self.best_value
+        if improved:
+            self._write_best(model, step, metrics, ordered, use_ema)
+        return numeric, improved
 
     def _write_best(
         self, model: torch.nn.Module, step: int, metrics: dict[str, Any], records: list[dict[str, Any]], ema: bool

@@ -74,6 +74,11 @@ def test_drop_worst_keeps_the_lowest_token_losses():
     kept_mask[per_token.argsort()[:6]] = True
     expected = torch.zeros(2).index_add_(0, rows[kept_mask], per_token[kept_mask])
     torch.testing.assert_close(dropped.per_example, expected)
+    assert (
+        dropped.per_example_tokens.tolist()
+        == torch.zeros(2, dtype=torch.long).index_add_(0, rows[kept_mask], torch.ones(6, dtype=torch.long)).tolist()
+    )
+    assert full.per_example_tokens.tolist() == keep.sum(1).tolist()
     assert label_smoothed_cross_entropy(logits, target, drop_worst_ratio=0.0).ntokens == 8
 
 
