@@ -74,13 +74,18 @@ def wait_for_job(run_dir: Path, job_id: str, timeout: float = 420) -> dict[str, 
     """Poll ``scontrol show job`` (no accounting needed) until the job ends; a requeued job is started at once
     instead of after SLURM's ~2 minute requeue delay (BeginTime)."""
     deadline = time.monotonic() + timeout
+    requeued_at = None
     while time.monotonic() < deadline:
         fields = job_fields(job_id)
         state = fields.get("JobState", "")
         if state in DONE_STATES:
             return fields
         if state == "PENDING" and fields.get("Reason") == "BeginTime" and int(fields.get("Restarts", "0")) > 0:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+            # Not at once: started before slurmd has cleaned up the previous run, the job fails with "Job
+            # credential revoked" (seen once); a few seconds are enough, SLURM's own delay is ~2 minutes.
+            requeued_at = requeued_at or time.monotonic()
+            if time.monotonic() - requeued_at > 10:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
         time.sleep(2)
     subprocess.run(["scancel", job_id], capture_output=True)
     raise AssertionError(f"job {job_id} did not finish in {timeout} s; log:\n{log_of(run_dir, job_id)[-4000:]}")

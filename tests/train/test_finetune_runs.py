@@ -222,3 +222,19 @@ def check_resume_keeps_ema_and_best(data_root: Path, run_dir: Path, first_best: 
     best = json.loads((run_dir / "ckpt" / "best" / "validation_metrics.json").read_text())
     assert best["accuracy"] >= first_best["accuracy"]
     assert best["step"] == first_best["step"] or best["accuracy"] > first_best["accuracy"]
+
+
+def test_a_stop_on_a_due_step_validates_that_step_on_resume(data_root, tmp_path):
+    """The wall-clock stop lands on step 1, which is due for validation: the job saves and exits without
+    validating; the next start has no steps left but validates step 1 before finishing."""
+    run_dir = tmp_path / "stopped"
+    overrides = [
+        o for o in task_overrides("nli", data_root, run_dir)
+        if not o.startswith(("optim.max_steps=", "validation.every_steps="))
+    ] + ["optim.max_steps=1", "validation.every_steps=1"]  # fmt: skip
+    stopped = run_training(run_dir, "finetune_nli", [*overrides, "checkpoint.wall_clock_minutes=0.00001"], nproc=2)
+    assert "stopping at step 1" in stopped.stdout and "validation at step" not in stopped.stdout
+    assert not (run_dir / "ckpt" / "best").exists()
+    resumed = run_training(run_dir, "finetune_nli", overrides, nproc=2)
+    assert "resuming from" in resumed.stdout and "validation at step 1: accuracy=" in resumed.stdout
+    assert json.loads((run_dir / "ckpt" / "best" / "validation_metrics.json").read_text())["step"] == 1
