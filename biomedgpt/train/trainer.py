@@ -374,8 +374,7 @@ class Trainer:
                 + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
                 flush=True,
             )
-            with (Path(self.config.checkpoint.dir) / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
+            self._record(step, values)
 
     def _progress_enabled(self) -> bool:
         return self.context.is_main and not os.environ.get("BIOMEDGPT_NO_PROGRESS")
@@ -387,15 +386,19 @@ class Trainer:
 
         return tqdm(total=self.config.optim.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
-    def _report(self, progress: Any, step: int, metrics: dict[str, float]) -> None:
-        """Rank 0: progress bar, a log line, and a JSON line in <checkpoint.dir>/metrics.jsonl (a local record
-        that survives an unreachable tracking server)."""
-        if not self.context.is_main:
-            return
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0: one JSON line in <checkpoint.dir>/metrics.jsonl (a local record that survives an unreachable
+        tracking server)."""
         record = Path(self.config.checkpoint.dir) / "metrics.jsonl"
         record.parent.mkdir(parents=True, exist_ok=True)
         with record.open("a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def _report(self, progress: Any, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0: progress bar, a log line, and the metrics.jsonl record."""
+        if not self.context.is_main:
+            return
+        self._record(step, metrics)
         summary = f"loss={metrics['loss']:.4f} lr={metrics['lr']:.2e} {metrics['samples_per_second']:.1f} samples/s"
         if progress is not None:
             progress.update(step - progress.n)
