@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from biomedgpt.data.convert import convert
 from biomedgpt.data.sample_corpus import write_sample_corpus
 from biomedgpt.evaluation.baselines import majority_answer_baseline, question_prior_baseline
 from biomedgpt.evaluation.runner import evaluate, iter_rows, load_answer_types
+from biomedgpt.train.cli import torchrun_command
 
 IMAGE_SIZE = 64
 
@@ -59,9 +59,6 @@ def prepare(out: Path, rows: int, seed: int) -> Path:
 
 def fine_tune(args: argparse.Namespace, corpus: Path) -> Path:
     out, converted = args.out, args.out / "converted"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     micro = max(1, args.batch // (args.nproc * 2))
     overrides = [
         "model.size=tiny", "model.init_from=null", "data.tokenizer=null", "model.freeze_embedding=false",
@@ -76,10 +73,7 @@ def fine_tune(args: argparse.Namespace, corpus: Path) -> Path:
         f"checkpoint.dir={out / 'ckpt'}", f"checkpoint.every_steps={args.validate_every}", "checkpoint.keep_last=1",
         "tracking.experiment=vqa-sample-corpus", "tracking.system_metrics=false", "log_every_steps=10",
     ]  # fmt: skip
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={port}",
-        "-m", "biomedgpt.train", "--config", "finetune_vqa", *overrides,
-    ]  # fmt: skip
+    command = torchrun_command("finetune_vqa", overrides, args.nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out.resolve() / 'mlruns.db'}")
     subprocess.run(command, env=env, check=True)  # resumes from its checkpoints when re-run

@@ -154,24 +154,14 @@ def finetune_overrides(root: Path, steps: int) -> list[str]:
 
 def launch_training(root: Path, steps: int, console: Console, nproc: int = 2, finetune: bool = False) -> int:
     """torchrun with ``nproc`` CPU ranks running ``biomedgpt-train --config demo`` (or the demo's VQA fine-tune)."""
-    import socket
     import subprocess
-    import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={port}",
-        "-m",
-        "biomedgpt.train",
-        "--config",
-        *(["finetune_vqa", *finetune_overrides(root, steps)] if finetune else ["demo", *demo_overrides(root, steps)]),
-    ]
+    from biomedgpt.train.cli import torchrun_command
+
+    if finetune:
+        command = torchrun_command("finetune_vqa", finetune_overrides(root, steps), nproc)
+    else:
+        command = torchrun_command("demo", demo_overrides(root, steps), nproc)
     what = "Fine-tuning" if finetune else "Pretraining"
     console.print(f"[bold]{what}[/bold] (ZeRO-3, {nproc} CPU ranks): {' '.join(command[2:])}", soft_wrap=True)
     return subprocess.call(command)

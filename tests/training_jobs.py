@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from biomedgpt.train.cli import free_local_port, torchrun_command
 
 # Tiny images, few patches and 4-row steps keep a 2-rank CPU job to seconds per step.
 SMALL = [
@@ -26,17 +27,12 @@ DETERMINISTIC = ["model.dropout=0.0", "model.encoder_drop_path_rate=0.0", "model
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_local_port()
 
 
 def train_command(config: str, overrides: list[str], nproc: int) -> list[str]:
     """``torchrun --nproc_per_node=N -m biomedgpt.train --config CONFIG OVERRIDES``."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-        "-m", "biomedgpt.train", "--config", config, *overrides,
-    ]  # fmt: skip
+    return torchrun_command(config, overrides, nproc)
 
 
 def environment(run_dir: Path, store: Path | None = None) -> dict[str, str]:

@@ -9,12 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+from collections.abc import Sequence
 
 import yaml
 
 from biomedgpt.config_utils import ConfigError, config_to_dict, load_config
 from biomedgpt.train.config import TrainConfig, preset_paths
+
+
+def free_local_port() -> int:
+    """A TCP port on localhost that nothing listens on (for a single-node rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(config: str, overrides: Sequence[str], nproc: int) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node=N -m biomedgpt.train --config CONFIG OVERRIDES`` on this
+    node, with a free rendezvous port."""
+    port = free_local_port()
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+        "-m", "biomedgpt.train", "--config", config, *overrides,
+    ]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,9 +9,11 @@ weights for VQA) and the input settings they were trained with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,20 +77,27 @@ def task_overrides(task: str, data_root: Path, run_dir: Path, start_from: Path |
     return common + specific[task]
 
 
-def eval_cli(model_dir: Path, task: str, data: Path, out: Path, *extra: str) -> dict:
-    """``biomedgpt-eval`` one row at a time on one thread, as the ranks validated: an untrained model's near-ties
-    must not flip on padding or thread-count differences in the float sums."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Decode on one thread, as the ranks (OMP_NUM_THREADS=1) validated: an untrained model's near-ties must not
+    flip on thread-count differences in the float sums."""
     import torch
-
-    from biomedgpt.cli.evaluate import main as eval_main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = eval_main(["--model", str(model_dir), "--task", task, "--data", str(data), "--out", str(out),
-                          "--batch-size", "1", "--no-progress", *extra])  # fmt: skip
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def eval_cli(model_dir: Path, task: str, data: Path, out: Path, *extra: str) -> dict:
+    """``biomedgpt-eval`` one row at a time on one thread, as the ranks validated (no padding differences)."""
+    from biomedgpt.cli.evaluate import main as eval_main
+
+    with one_thread():
+        code = eval_main(["--model", str(model_dir), "--task", task, "--data", str(data), "--out", str(out),
+                          "--batch-size", "1", "--no-progress", *extra])  # fmt: skip
     assert code == 0
     return json.loads((out / "metrics.json").read_text())
 
@@ -173,7 +182,6 @@ def test_finetune_validate_keep_best_then_evaluate(task, data_root, pretrained, 
 def check_generate_answers_as_evaluation(best_dir: Path, val_data: Path, tmp_path: Path) -> None:
     """biomedgpt-generate on a fine-tuned VQA directory answers like the evaluation: the question as decoder
     prefix, the candidate answers and image size from the directory (greedy, as the VQA evaluation decodes)."""
-    import torch
 
     from biomedgpt.cli.generate import main as generate_main
     from biomedgpt.data.images import decode_image
@@ -186,13 +194,9 @@ def check_generate_answers_as_evaluation(best_dir: Path, val_data: Path, tmp_pat
     image, requests, answers = tmp_path / "question.png", tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     decode_image(row["image"], "val row").save(image)
     requests.write_text(json.dumps({"image": str(image), "prompt": row["question"]}) + "\n")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         code = generate_main(["--model", str(best_dir), "--batch", str(requests), "--beam", "1",
                               "--out", str(answers)])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     assert code == 0
     output = json.loads(answers.read_text())["output"]
     recorded = json.loads((best_dir / "finetune_task.json").read_text())["answers"]
