@@ -273,6 +273,35 @@ class ShardedEMA:
             "buffers": dict(self.buffers),
         }
 
+    def saved_alike(self, state: Mapping[str, Any]) -> bool:
+        """Whether ``state`` is this rank's own, saved under the same partitioning (the usual resume), so that
+        :meth:`load_state_dict` can take it without reading any other rank's file."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            return False
+        if (int(state["rank"]), int(state["world_size"])) != (self.rank, self.world_size):
+            return False
+        saved = state["params"]
+        return saved.keys() == self.layouts.keys() and all(
+            saved[name]["shard"].numel() == self.shards[name].numel()
+            and bool(saved[name]["partitioned"]) == layout.partitioned
+            and torch.Size(saved[name]["shape"]) == layout.shape
+            for name, layout in self.layouts.items()
+        )
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load this rank's own ``state_dict()`` saved under the same partitioning: 1/world of the model read per
+        rank instead of the whole. Other layouts need :meth:`load_state_dicts` with every saving rank's state."""
+        if not self.saved_alike(state):
+            raise ValueError(
+                f"the EMA state was not saved by rank {self.rank} of {self.world_size} with this model's partitioning; "
+                "load every saving rank's state with load_state_dicts"
+            )
+        for name, shard in self.shards.items():
+            shard.copy_(state["params"][name]["shard"].reshape(shard.shape))
+        self._load_buffers([state])
+        self.num_updates = int(state.get("num_updates", 0))
+
     @torch.no_grad()
     def load_state_dicts(self, states: Sequence[Mapping[str, Any]]) -> None:
         """Rebuild this rank's shards from the ``state_dict()`` of every rank of the run that saved them, whatever

@@ -23,7 +23,13 @@ import torch.distributed as dist
 from biomedgpt.data.finetune_tasks import load_answer_list, write_task_file
 from biomedgpt.data.pretrain_tasks import AUXILIARY_TASKS, IMAGE_TEXT_TASKS
 from biomedgpt.data.transforms import rng_for
-from biomedgpt.train.checkpointing import load_latest_checkpoint, load_rank_states, save_checkpoint, set_rng_state
+from biomedgpt.train.checkpointing import (
+    load_latest_checkpoint,
+    load_rank_states,
+    rank_state_file,
+    save_checkpoint,
+    set_rng_state,
+)
 from biomedgpt.train.config import TrainConfig
 from biomedgpt.train.engine import DistributedContext, init_distributed, initialize_engine, load_tokenizer
 from biomedgpt.train.flops import forward_flops, training_flops
@@ -264,7 +270,7 @@ class Trainer:
                 if self.validator is not None:
                     self.validator.load_state_dict(client_state.get("validation"))
                 if self.ema is not None:
-                    self.ema.load_state_dicts(load_rank_states(client_state["checkpoint_path"], "ema"))
+                    self._load_ema(Path(client_state["checkpoint_path"]))
                 if self.context.is_main:
                     restored = f" with the EMA of {self.ema.num_updates} updates" if self.ema is not None else ""
                     print(f"resuming from {checkpoint_dir} at step {step}{restored}", flush=True)
@@ -354,6 +360,18 @@ class Trainer:
             self.context.rank,
             rank_states={"ema": self.ema.state_dict()} if self.ema is not None else None,
         )
+
+    def _load_ema(self, checkpoint: Path) -> None:
+        """This rank's own EMA file when it was saved under the same partitioning (the usual resume, 1/world of
+        the model read); otherwise every saving rank's, resharded."""
+        assert self.ema is not None
+        own_file = rank_state_file(checkpoint, "ema", self.context.rank)
+        own = torch.load(own_file, weights_only=False, map_location="cpu") if own_file.is_file() else None
+        if own is not None and self.ema.saved_alike(own):
+            self.ema.load_state_dict(own)
+        else:
+            del own
+            self.ema.load_state_dicts(load_rank_states(checkpoint, "ema"))
 
     def _validate(self, step: int, tracker: Any) -> None:
         started = time.perf_counter()

@@ -52,16 +52,26 @@ class Validator:
         assert section.data is not None
         self.config, self.tokenizer = config, tokenizer
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.rows = list(iter_rows(section.data, section.limit))
-        if not self.rows:
+        # Each rank keeps only its share of the rows (images included); the text of every row stays for the
+        # default candidate answers, which come from all of them.
+        self.row_numbers: list[int] = []
+        self.rows: list[dict[str, Any]] = []
+        texts: list[dict[str, Any]] = []
+        for number, row in enumerate(iter_rows(section.data, section.limit)):
+            if number % world_size == rank:
+                self.row_numbers.append(number)
+                self.rows.append(row)
+            texts.append({key: value for key, value in row.items() if not isinstance(value, bytes | bytearray)})
+        if not texts:
             raise ValueError(f"validation.data={section.data}: no rows to validate on")
+        self.row_count = len(texts)
         self.task_config = finetune_task_config(config)
         self.answers = load_answer_list(config.data.answers) if config.data.answers else None
         self.answer_types = load_answer_types(section.answer_types) if section.answer_types else None
         self.evaluator = TaskEvaluator(
             tokenizer,
             self.task_config,
-            self.rows,
+            texts,
             answers=self.answers,
             batch_size=section.batch_size,
             beam=section.beam,
@@ -117,14 +127,11 @@ class Validator:
         use_ema = ema is not None and self.config.validation.use_ema
         model = plain_copy(module, self.device, ema if use_ema else None)
         broadcast_buffers(model)  # every rank validates the model rank 0 writes
-        numbers = list(range(self.rank, len(self.rows), self.world_size))
-        records = self.evaluator.predict(
-            model, [self.rows[i] for i in numbers], self.device, row_numbers=numbers, progress=progress
-        )
-        shares: list[Any] = [list(zip(numbers, records))]
+        records = self.evaluator.predict(model, self.rows, self.device, row_numbers=self.row_numbers, progress=progress)
+        shares: list[Any] = [list(zip(self.row_numbers, records))]
         if _distributed():
             shares = [None] * self.world_size
-            dist.all_gather_object(shares, list(zip(numbers, records)))
+            dist.all_gather_object(shares, list(zip(self.row_numbers, records)))
         result: list[Any] = [None]
         if self.rank == 0:
             try:

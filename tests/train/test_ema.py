@@ -268,6 +268,16 @@ def _worker(out: Path) -> None:
     torch.save(state, out / f"ema_full_rank{rank}.pt")
     dist.barrier()
 
+    # 3. Same partitioning (the usual resume): this rank's own file alone restores the shards, buffers and count.
+    own_state = torch.load(out / f"ema_rank{rank}.pt")
+    resumed = ShardedEMA(module, decay=DECAY, start_step=START_STEP)
+    result["own_state_alike"] = resumed.saved_alike(own_state)
+    result["other_rank_state_alike"] = resumed.saved_alike(torch.load(out / f"ema_rank{1 - rank}.pt"))
+    resumed.load_state_dict(own_state)
+    result["own_state_load"] = _compare(plain_copy(module, "cpu", resumed), state)
+    result["own_state_updates"] = resumed.num_updates
+    del own_state, resumed
+
     # 3a. 2 ranks -> 1 rank: a model partitioned over a process group of this rank alone (a real 1-rank ZeRO-3
     # layout) loads both ranks' EMA states.
     solo_groups = [dist.new_group([r]) for r in range(world)]
@@ -348,6 +358,14 @@ def test_zero3_ema_matches_reference_of_gathered_weights(zero3_job):
 
 
 @pytest.mark.slow
+def test_zero3_ema_resumes_from_the_own_rank_file_alone(zero3_job):
+    for result in _results(zero3_job):
+        assert result["own_state_alike"] and not result["other_rank_state_alike"]
+        assert result["own_state_load"] == {"max_diff": 0.0, "max_rel": 0.0, "differ": []}
+        assert result["own_state_updates"] == STEPS
+
+
+@pytest.mark.slow
 def test_zero3_ema_state_reshards_two_to_one_and_one_to_two(zero3_job):
     for result in _results(zero3_job):
         assert result["solo_layout"] == [0, 1, True]
@@ -376,6 +394,9 @@ def test_zero3_ema_state_loads_into_a_plain_model(zero3_job):
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+    assert not ema.saved_alike(torch.load(zero3_job / "ema_rank0.pt"))  # saved as rank 0 of 2, loaded as 0 of 1
+    with pytest.raises(ValueError, match="load every saving rank's state with load_state_dicts"):
+        ema.load_state_dict(torch.load(zero3_job / "ema_rank0.pt"))
     with pytest.raises(ValueError, match=r"missing from the checkpoint: .*encoder\.layers\.1\.fc1"):
         ShardedEMA(
             BiomedGPTForConditionalGeneration(tiny_config_with_padding(encoder_layers=2)), decay=DECAY
