@@ -35,7 +35,8 @@ from biomedgpt.train.engine import DistributedContext, init_distributed, initial
 from biomedgpt.train.flops import forward_flops, training_flops
 from biomedgpt.train.loss import kept_token_count, label_smoothed_cross_entropy
 from biomedgpt.train.metrics import device_peak_tflops, model_flops_utilisation, peak_memory_bytes
-from biomedgpt.train.signals import StopController
+from biomedgpt.train.shared_memory import free_stale_shared_memory
+from biomedgpt.train.signals import StopController, launcher_pid
 from biomedgpt.train.validation import Validator, finetune_task_config
 
 FINETUNE_TASK_NAMES = ("vqa", "caption", "summarization", "nli", "classification")
@@ -231,9 +232,9 @@ class Trainer:
         self.context: DistributedContext = init_distributed()
         torch.manual_seed(config.seed + self.context.rank)  # dropout differs per rank, as with DDP
         self.tokenizer = load_tokenizer(config)
-        from streaming.base.util import clean_stale_shared_memory
-
-        clean_stale_shared_memory()  # collective: local rank 0 frees what a killed run left, the others wait
+        freed = free_stale_shared_memory(local_main=self.context.local_rank == 0)  # what killed runs left
+        if freed:
+            print(f"freed {len(freed)} shared-memory blocks that killed runs left in /dev/shm", flush=True)
         self.engine, self.ds_config = initialize_engine(config, self.context, self.tokenizer)
         if self.context.is_main:
             # What a consolidated model needs besides the weights (biomedgpt-consolidate reads these).
@@ -279,7 +280,7 @@ class Trainer:
         from biomedgpt.train.tracking import start_tracking
 
         tracker, run_id = start_tracking(config, self.ds_config, self.context, run_id)
-        stop = StopController(config.checkpoint.wall_clock_minutes).install()
+        stop = StopController(config.checkpoint.wall_clock_minutes, launcher=launcher_pid()).install()
         if rng is not None:
             set_rng_state(rng)  # last: everything above may draw random numbers (the loader's base seed does)
         peak_tflops = device_peak_tflops(config.precision, config.peak_tflops)

@@ -98,12 +98,22 @@ def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     wait_for_step(killed_dir, 3, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, no chance to save
+    # A crash: the launcher and both ranks at once, no chance to save. (torchrun starts each rank in a session of
+    # its own, so killing the launcher's process group would leave the ranks running.)
+    launcher = psutil.Process(proc.pid)
+    ranks = [p for p in launcher.children(recursive=True) if "biomedgpt.train" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    job = [launcher, *launcher.children(recursive=True)]
+    for process in job:
+        process.kill()
+    psutil.wait_procs(job, timeout=60)
     proc.wait(timeout=60)
     resumed = run(data_root, killed_dir, nproc=2, steps=6, extra=extra, store=store)
     match = re.search(r"resuming from .* at step (\d+)", resumed.stdout)
     assert match is not None, resumed.stdout[-3000:]
     assert int(match.group(1)) in (2, 4)  # the newest checkpoint complete before the kill
+    # The killed job left its streaming blocks in /dev/shm (nobody unlinks them); the restart freed them.
+    assert re.search(r"freed \d+ shared-memory blocks that killed runs left", resumed.stdout), resumed.stdout[-3000:]
 
     reference, continued = losses(reference_dir), losses(killed_dir)
     assert sorted(continued) == [1, 2, 3, 4, 5, 6]
@@ -163,6 +173,28 @@ def test_sigterm_saves_exits_zero_and_the_next_start_resumes(data_root, tmp_path
     assert max(losses(run_dir)) == stopped_at + 2
     runs = runs_of(run_dir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(data_root, tmp_path):
+    run_dir = tmp_path / "orphaned"
+    run_dir.mkdir()
+    proc = subprocess.Popen(
+        command(data_root, run_dir, 2, 40, ["checkpoint.every_steps=100"]), env=environment(run_dir), cwd=run_dir,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for_step(run_dir, 2, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "biomedgpt.train" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # torchrun only: its ranks live on in sessions of their own
+    output, _ = proc.communicate(timeout=600)  # the ranks hold the pipe until they exit
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, output[-4000:]
+    assert f"the launcher (pid {proc.pid}) has exited" in output, output[-4000:]
+    assert "checkpoint saved, exiting 0" in output
+    stopped_at = max(losses(run_dir))
+    assert stopped_at < 40
+    assert (run_dir / "ckpt" / "latest").read_text() == f"step_{stopped_at:08d}"
+    assert runs_of(run_dir)[0].info.status == "KILLED"
 
 
 def test_deepspeed_launcher_runs_the_same_entry_point(data_root, tmp_path):
