@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@avail_kib=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ "$$avail_kib" -lt 10485760 ]; then \
-	  echo "warning: $$((avail_kib / 1048576)) GiB free on this disk; .venv takes about 7 GiB and make test about 3 GiB more" >&2; fi
+	  echo "warning: $$((avail_kib / 1048576)) GiB free on this disk; .venv takes about 7 GiB and make test up to 3 GiB of temporary files" >&2; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)

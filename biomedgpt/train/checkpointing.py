@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from biomedgpt.train.collectives import all_ranks, distributed
+
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -68,16 +70,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
-
-
-def _all_ranks_ok(ok: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def files_intact(directory: Path) -> str | None:
@@ -154,7 +148,7 @@ def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -
     :class:`ResumeError` rather than start over and let the new run's saves prune the old ones.
     """
     tags = complete_tags(checkpoint_dir)
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world_size = dist.get_world_size() if distributed() else 1
     if tags:
         saved_ranks = len(list((Path(checkpoint_dir) / tags[0]).glob("*optim_states.pt")))
         if saved_ranks and saved_ranks != world_size:
@@ -170,7 +164,7 @@ def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -
         client_state: dict[str, Any] | None = None
         # Agree on the files first: a rank failing inside DeepSpeed's collective load would hang the others.
         damage = files_intact(directory)
-        if not _all_ranks_ok(damage is None):
+        if not all_ranks(damage is None):
             if rank == 0:
                 warnings.warn(
                     f"checkpoint {directory} could not be loaded ({damage or 'damaged on another rank'}); "
@@ -191,7 +185,7 @@ def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -
                 client_state["checkpoint_path"] = str(directory)
         except Exception as exc:  # a corrupt checkpoint shows up as any of torch.load's errors
             ok, error = False, exc
-        if _all_ranks_ok(ok):
+        if all_ranks(ok):
             return client_state
         if rank == 0:
             warnings.warn(

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from biomedgpt.train.collectives import communication_device, distributed
+
 STATE_FORMAT = "biomedgpt-sharded-ema/1"
 
 
@@ -61,7 +63,7 @@ def _group_of(param: torch.Tensor) -> Any:
 
 
 def _group_rank_world(group: Any) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return 0, 1
     return dist.get_rank(group=group), dist.get_world_size(group=group)
 
@@ -104,19 +106,12 @@ def _describe_names(names: Iterable[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _comm_device(group: Any, tensor: torch.Tensor) -> torch.device:
-    """NCCL moves only CUDA tensors: partitions offloaded to CPU are gathered through the current GPU."""
-    if tensor.device.type == "cpu" and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return tensor.device
-
-
 def _all_gather_flat(part: torch.Tensor, group: Any, numel: int) -> torch.Tensor:
     """Concatenate every rank's equal-size flat ``part`` and drop the padding: the full flat tensor."""
     _, world = _group_rank_world(group)
     if world == 1:
         return part[:numel]
-    device = _comm_device(group, part)
+    device = part.device if part.device.type != "cpu" else communication_device(group)  # offloaded: via the GPU
     part = part.to(device)
     flat = torch.empty(world * part.numel(), dtype=part.dtype, device=device)
     if dist.get_backend(group) == "nccl":
@@ -428,7 +423,7 @@ def materialize_full_model(module: torch.nn.Module, target: torch.nn.Module, ema
 def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
     """COLLECTIVE: give every rank's ``model`` the persistent buffers of rank ``src``. BatchNorm statistics drift
     apart per rank (DeepSpeed does not broadcast buffers as DDP does), and checkpoints keep rank 0's."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed() and dist.get_world_size() > 1:
         for _, buffer in _persistent_buffers(model):
             dist.broadcast(buffer, src=src)
 

@@ -9,25 +9,39 @@ A run killed by SIGKILL, the OOM killer or a node failure leaves two kinds of PO
 
 streaming's own ``clean_stale_shared_memory()`` unlinks every block from prefix 0 upwards whether or not its job is
 alive, which breaks another job running on the same node (SLURM packs jobs onto shared nodes). Here a block is stale
-only when no process has it open or mapped (``/proc/*/fd`` and ``/proc/*/maps``), judged per job: one live block
-keeps all the blocks of its job. Only blocks owned by this user are touched.
+only when no process has it open or mapped, judged per job: one held block keeps all the blocks of its job. Blocks
+are matched to ``/proc/*/fd`` and ``/proc/*/maps`` by device and inode, not by path, and only this user's blocks are
+touched. When a Python process of this user cannot be inspected, nothing is freed.
+
+Limits: processes in another PID namespace that shares this ``/dev/shm`` (a container run with ``--ipc=host``) are
+invisible here, so their blocks look stale; and a job started after another was killed maps the killed job's
+streaming blocks during its prefix search and keeps them, so those are only freed once that job has ended.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch.distributed as dist
 
-__all__ = ["SHM_DIR", "free_stale_shared_memory", "shared_memory_in_use", "stale_shared_memory"]
+from biomedgpt.train.collectives import distributed
+
+__all__ = ["SHM_DIR", "free_stale_shared_memory", "held_files", "stale_shared_memory"]
 
 SHM_DIR = Path("/dev/shm")
 PROC_DIR = Path("/proc")
 
 _STREAMING_BLOCK = re.compile(r"(\d{6})_([a-z_]+)")
 _DEEPSPEED_BUFFER = re.compile(r"(deepspeed_allreduce_buffer_\d+_.+_\d+)_\d+")
+
+FileId = tuple[int, int]  # (st_dev, st_ino)
+
+
+class UninspectableProcessError(RuntimeError):
+    """A process of this user whose open files cannot be read: it might hold any block."""
 
 
 def _streaming_block_names() -> frozenset[str]:
@@ -45,53 +59,98 @@ def _job_of(name: str, streaming_names: frozenset[str]) -> str | None:
     return None
 
 
-def shared_memory_in_use(shm_dir: Path = SHM_DIR, proc_dir: Path = PROC_DIR) -> set[str]:
-    """Names of the blocks in ``shm_dir`` that a process this user may inspect has open or mapped."""
-    prefix = f"{shm_dir}/"
-    in_use: set[str] = set()
+def _mapped_files(maps: Path) -> set[FileId]:
+    found: set[FileId] = set()
+    with open(maps, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+            if len(fields) >= 5 and fields[4] != "0":
+                major, minor = fields[3].split(":")
+                found.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
+    return found
 
-    def note(path: str) -> None:
-        if path.startswith(prefix):
-            in_use.add(path[len(prefix) :].removesuffix(" (deleted)"))
 
+def _open_files(fd_dir: Path) -> set[FileId]:
+    found: set[FileId] = set()
+    for descriptor in fd_dir.iterdir():
+        try:
+            stat = os.stat(descriptor)  # follows the link to the open file, deleted or not
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        found.add((stat.st_dev, stat.st_ino))
+    return found
+
+
+def held_files(proc_dir: Path = PROC_DIR) -> set[FileId]:
+    """Device and inode of every file a process has open or mapped, over the processes this user may inspect.
+
+    Raises :class:`UninspectableProcessError` when a Python process of this user cannot be read.
+    """
+    uid = os.getuid()
+    held: set[FileId] = set()
     for process in proc_dir.iterdir():
         if not process.name.isdigit():
             continue
         try:
-            for descriptor in (process / "fd").iterdir():
-                try:
-                    note(os.readlink(descriptor))
-                except OSError:  # closed meanwhile
-                    continue
-            with open(process / "maps", encoding="utf-8", errors="replace") as maps:
-                for line in maps:
-                    start = line.find(prefix)
-                    if start >= 0:
-                        note(line[start:].rstrip("\n"))
-        except OSError:  # another user's process (no permission) or one that has exited
+            held |= _open_files(process / "fd")
+            held |= _mapped_files(process / "maps")
+        except PermissionError as error:
+            # Only Python processes (training ranks, their data workers) create these blocks; init and system
+            # daemons that even root may not inspect in a sandbox cannot hold them.
+            if _effective_uid(process) in (uid, None) and _runs_python(process):
+                raise UninspectableProcessError(
+                    f"cannot read the open files of Python process {process.name} (not dumpable?)"
+                ) from error
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
             continue
-    return in_use
+    return held
+
+
+def _runs_python(process: Path) -> bool:
+    """From ``cmdline`` and ``comm``, which anyone may read: torch renames its helpers (``pt_elastic``, ...)."""
+    try:
+        command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        name = (process / "comm").read_text().strip()
+    except OSError:
+        return True  # cannot tell: assume it might
+    return "python" in command or name.startswith("pt_")
+
+
+def _effective_uid(process: Path) -> int | None:
+    """From ``status``, which anyone may read; the owner of ``/proc/<pid>`` reads root for a non-dumpable process."""
+    try:
+        for line in (process / "status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def stale_shared_memory(shm_dir: Path = SHM_DIR, proc_dir: Path = PROC_DIR) -> list[Path]:
-    """This user's streaming blocks and DeepSpeed buffers of jobs none of whose blocks any process holds."""
+    """This user's streaming blocks and DeepSpeed buffers of jobs none of whose blocks any process holds.
+
+    Raises :class:`UninspectableProcessError` when that cannot be told (see :func:`held_files`)."""
     streaming_names = _streaming_block_names()
     uid = os.getuid()
-    candidates: dict[Path, str] = {}
+    candidates: dict[Path, tuple[str, FileId]] = {}
     # Listed before /proc is read: a block created after the listing is not a candidate, and one created before
     # it is already open in its creator when /proc is read (shm_open returns the descriptor that creates it).
     for entry in shm_dir.iterdir():
         job = _job_of(entry.name, streaming_names)
+        if job is None:
+            continue
         try:
-            if job is not None and entry.lstat().st_uid == uid:
-                candidates[entry] = job
+            stat = entry.lstat()
         except FileNotFoundError:
             continue
+        if stat.st_uid == uid:
+            candidates[entry] = (job, (stat.st_dev, stat.st_ino))
     if not candidates:
         return []
-    in_use = shared_memory_in_use(shm_dir, proc_dir)
-    live_jobs = {job for entry, job in candidates.items() if entry.name in in_use}
-    return sorted(entry for entry, job in candidates.items() if job not in live_jobs)
+    held = held_files(proc_dir)
+    live_jobs = {job for job, file_id in candidates.values() if file_id in held}
+    return sorted(entry for entry, (job, _) in candidates.items() if job not in live_jobs)
 
 
 def free_stale_shared_memory(local_main: bool, shm_dir: Path = SHM_DIR) -> list[str]:
@@ -108,12 +167,17 @@ def free_stale_shared_memory(local_main: bool, shm_dir: Path = SHM_DIR) -> list[
         return []
     removed: list[str] = []
     if local_main:
-        for path in stale_shared_memory(shm_dir):
+        try:
+            stale = stale_shared_memory(shm_dir)
+        except UninspectableProcessError as error:
+            warnings.warn(f"not freeing stale shared memory in {shm_dir}: {error}", stacklevel=2)
+            stale = []
+        for path in stale:
             try:
                 path.unlink()
             except FileNotFoundError:  # another job's start freed it first
                 continue
             removed.append(path.name)
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
     return removed

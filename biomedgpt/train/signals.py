@@ -16,8 +16,7 @@ import signal
 import time
 from types import FrameType
 
-import torch
-import torch.distributed as dist
+from biomedgpt.train.collectives import any_rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -66,10 +65,7 @@ class StopController:
     def should_stop(self) -> bool:
         """Collective: True on every rank when any rank was asked to stop."""
         local = self.local_request()
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+        if any_rank(local is not None):
             self.reason = local or "another rank was asked to stop"
             return True
         return False

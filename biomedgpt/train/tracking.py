@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from biomedgpt.config_utils import config_to_dict
 from biomedgpt.tracking import MLflowTracker, collect_run_params
+from biomedgpt.train.collectives import distributed
 from biomedgpt.train.config import TrainConfig
 
 
@@ -32,7 +33,7 @@ def start_tracking(
         run_id = started or run_id  # a tracker that cannot reach its store must not erase the saved id
         if started:
             print(f"MLflow run {run_id} in {tracker.tracking_uri} (experiment {section.experiment!r})", flush=True)
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         shared = [run_id]
         dist.broadcast_object_list(shared, src=0)
         run_id = shared[0]

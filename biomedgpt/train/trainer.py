@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from biomedgpt.data.finetune_tasks import load_answer_list, write_task_file
 from biomedgpt.data.pretrain_tasks import AUXILIARY_TASKS, IMAGE_TEXT_TASKS
@@ -30,6 +29,7 @@ from biomedgpt.train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
+from biomedgpt.train.collectives import all_reduce
 from biomedgpt.train.config import TrainConfig
 from biomedgpt.train.engine import DistributedContext, init_distributed, initialize_engine, load_tokenizer
 from biomedgpt.train.flops import forward_flops, training_flops
@@ -46,12 +46,6 @@ MODEL_INPUTS = ("input_ids", "patch_images", "patch_masks", "decoder_input_ids",
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return int(rng_for(seed, step, rank, "dropout").integers(2**62))
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
 
 
 def build_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]]:
@@ -113,6 +107,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.launcher = launcher_pid()  # now: if torchrun dies during the minutes of set-up, the parent changes
 
     def _sub_batches(self, micro_batch: Any) -> dict[str, dict[str, Any]]:
         return micro_batch if self.keys != ["main"] else {"main": micro_batch}
@@ -163,7 +158,7 @@ class Trainer:
             ],
             dtype=torch.float64,
         )
-        global_tokens = _all_reduce_sum(local_tokens.clone())
+        global_tokens = all_reduce(local_tokens.clone())
         loss_sums = torch.zeros(len(self.keys), dtype=torch.float64)
         task_stats = torch.zeros(2, len(ALL_TASKS), dtype=torch.float64)  # loss sum, tokens
         input_tokens = 0
@@ -184,7 +179,7 @@ class Trainer:
                         task_stats[1, ALL_TASKS.index(task)] += ntok
             self.engine.backward(loss)
             self.engine.step()
-        reduced = _all_reduce_sum(torch.cat([loss_sums, task_stats.flatten(), torch.tensor([float(input_tokens)])]))
+        reduced = all_reduce(torch.cat([loss_sums, task_stats.flatten(), torch.tensor([float(input_tokens)])]))
         loss_sums = reduced[: len(self.keys)]
         task_stats = reduced[len(self.keys) : -1].view(2, len(ALL_TASKS))
         metrics: dict[str, float] = {"lr": lr}
@@ -219,7 +214,7 @@ class Trainer:
                     None if images is None else (int(images.shape[-2]), int(images.shape[-1])),
                     None if kept is None else int(kept.shape[1]),
                 )
-        return float(_all_reduce_sum(torch.tensor([float(training_flops(total))], dtype=torch.float64))[0])
+        return float(all_reduce(torch.tensor([float(training_flops(total))], dtype=torch.float64))[0])
 
     def run(self) -> int:
         config = self.config
@@ -280,7 +275,7 @@ class Trainer:
         from biomedgpt.train.tracking import start_tracking
 
         tracker, run_id = start_tracking(config, self.ds_config, self.context, run_id)
-        stop = StopController(config.checkpoint.wall_clock_minutes, launcher=launcher_pid()).install()
+        stop = StopController(config.checkpoint.wall_clock_minutes, launcher=self.launcher).install()
         if rng is not None:
             set_rng_state(rng)  # last: everything above may draw random numbers (the loader's base seed does)
         peak_tflops = device_peak_tflops(config.precision, config.peak_tflops)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from biomedgpt.data.finetune_tasks import FinetuneTaskConfig, load_answer_list, write_task_file
 from biomedgpt.evaluation.runner import TASK_METRICS, TaskEvaluator, iter_rows, load_answer_types
+from biomedgpt.train.collectives import distributed
 from biomedgpt.train.config import TrainConfig
 
 BEST_DIR = "best"
@@ -38,10 +39,6 @@ def finetune_task_config(config: TrainConfig) -> FinetuneTaskConfig:
         noise_ratio=data.noise_ratio,
         imagenet_normalization=data.imagenet_normalization,
     )
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class Validator:
@@ -129,7 +126,7 @@ class Validator:
         broadcast_buffers(model)  # every rank validates the model rank 0 writes
         records = self.evaluator.predict(model, self.rows, self.device, row_numbers=self.row_numbers, progress=progress)
         shares: list[Any] = [list(zip(self.row_numbers, records))]
-        if _distributed():
+        if distributed():
             shares = [None] * self.world_size
             dist.all_gather_object(shares, list(zip(self.row_numbers, records)))
         result: list[Any] = [None]
@@ -138,7 +135,7 @@ class Validator:
                 result = [self._score_and_keep(model, step, shares, use_ema)]
             except Exception as error:  # every rank must hear of it: the others wait in the broadcast below
                 result = [error]
-        if _distributed():
+        if distributed():
             dist.broadcast_object_list(result, src=0)
         if isinstance(result[0], Exception):
             raise ValueError(f"validation at step {step} failed on rank 0: {result[0]}") from result[0]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -18,8 +20,11 @@ from biomedgpt.train.shared_memory import SHM_DIR, free_stale_shared_memory, sta
 
 pytestmark = pytest.mark.skipif(not (SHM_DIR.is_dir() and Path("/proc/self/maps").is_file()), reason="Linux only")
 
-# Prefixes far above what streaming hands out (it counts up from 0), so these fakes meet no real job.
-STALE, LIVE, FOREIGN = "987650", "987651", "987652"
+# Prefixes far above what streaming hands out (it counts up from 0) and distinct per test process, so these fakes
+# meet no real job and no other test session.
+_BASE = 900000 + (os.getpid() % 30000) * 3
+STALE, LIVE, FOREIGN = (f"{_BASE + offset:06d}" for offset in range(3))
+PORT = 10000 + os.getpid() % 50000  # in the fake DeepSpeed buffer names
 
 
 def _block(name: str, size: int = 16) -> Path:
@@ -39,12 +44,12 @@ def _held(name: str) -> SharedMemory:
 def test_only_blocks_no_process_holds_are_freed_job_by_job() -> None:
     uid = os.getuid()
     stale = [_block(f"{STALE}_locals"), _block(f"{STALE}_barrier"), _block(f"{STALE}_epoch_data")]
-    stale += [_block(f"deepspeed_allreduce_buffer_{uid}_127.0.0.9_1234_{rank}") for rank in (0, 1)]
+    stale += [_block(f"deepspeed_allreduce_buffer_{uid}_127.0.0.9_{PORT}_{rank}") for rank in (0, 1)]
     # A live streaming job: one held block keeps its unheld sibling too.
     live = _held(f"{LIVE}_locals")
     sibling = _block(f"{LIVE}_next_epoch")
     # A live DeepSpeed buffer, mapped but with its descriptor closed (DeepSpeed keeps only the mapping).
-    mapped = _block(f"deepspeed_allreduce_buffer_{uid}_127.0.0.9_4321_0", size=mmap.PAGESIZE)
+    mapped = _block(f"deepspeed_allreduce_buffer_{uid}_127.0.0.9_{PORT + 1}_0", size=mmap.PAGESIZE)
     with open(mapped, "r+b") as handle:
         mapping = mmap.mmap(handle.fileno(), mmap.PAGESIZE)
     unrelated = [_block(f"{STALE}_not_a_streaming_block"), _block("someone_elses_block")]
@@ -71,6 +76,57 @@ def test_only_blocks_no_process_holds_are_freed_job_by_job() -> None:
         live.close()
         for path in [*stale, *kept]:
             path.unlink(missing_ok=True)
+
+
+def test_blocks_are_matched_by_inode_not_by_path(tmp_path: Path) -> None:
+    """Through a symlink to /dev/shm the paths in /proc do not match, the files do."""
+    held = _held(f"{LIVE}_locals")
+    stale = _block(f"{STALE}_locals")
+    link = tmp_path / "shm"
+    link.symlink_to(SHM_DIR)
+    try:
+        names = [path.name for path in stale_shared_memory(link)]
+        assert stale.name in names and held.name not in names
+    finally:
+        held.close()
+        (SHM_DIR / held.name).unlink(missing_ok=True)
+        stale.unlink(missing_ok=True)
+
+
+HIDE_A_PROCESS = """
+import os, subprocess, sys, time
+from biomedgpt.train.shared_memory import UninspectableProcessError, held_files  # before losing access to .venv
+
+os.setgid(12345)
+os.setuid(12345)
+# An execute-only program makes its process non-dumpable: its /proc/<pid>/fd belongs to root from then on.
+hidden = subprocess.Popen([sys.argv[1], "60"])
+time.sleep(0.5)
+try:
+    held_files()
+    print("inspected")
+except UninspectableProcessError as error:
+    print("refused:", error)
+finally:
+    hidden.kill()
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run as another user")
+def test_an_uninspectable_python_process_of_the_user_means_nothing_is_freed() -> None:
+    folder = Path(tempfile.mkdtemp())
+    try:
+        folder.chmod(0o755)
+        stand_in = folder / "python-stand-in"  # a name that says Python, as a rank's command line does
+        shutil.copy(shutil.which("sleep") or "/bin/sleep", stand_in)
+        stand_in.chmod(0o111)
+        out = subprocess.run(
+            [sys.executable, "-c", HIDE_A_PROCESS, str(stand_in)], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        shutil.rmtree(folder)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("refused: cannot read the open files of Python process"), out.stdout
 
 
 HOLD_A_DATASET = textwrap.dedent(

@@ -98,14 +98,15 @@ def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     wait_for_step(killed_dir, 3, proc)
-    # A crash: the launcher and both ranks at once, no chance to save. (torchrun starts each rank in a session of
-    # its own, so killing the launcher's process group would leave the ranks running.)
-    launcher = psutil.Process(proc.pid)
-    ranks = [p for p in launcher.children(recursive=True) if "biomedgpt.train" in " ".join(p.cmdline())]
+    # A crash: the launcher and both ranks at once, no chance to save. torchrun starts each rank in a session (and
+    # process group) of its own, so each group is killed whole: a rank's Python resource tracker, left alive, would
+    # unlink the rank's shared memory as a crash does not.
+    ranks = training_ranks(proc.pid)
     assert len(ranks) == 2
-    job = [launcher, *launcher.children(recursive=True)]
-    for process in job:
-        process.kill()
+    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for rank in ranks:
+        os.killpg(rank.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     psutil.wait_procs(job, timeout=60)
     proc.wait(timeout=60)
     resumed = run(data_root, killed_dir, nproc=2, steps=6, extra=extra, store=store)
@@ -147,26 +148,42 @@ def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
     assert losses(killed_dir)[5] == pytest.approx(reference[5], rel=1e-5)
 
 
-def test_sigterm_saves_exits_zero_and_the_next_start_resumes(data_root, tmp_path):
-    run_dir = tmp_path / "preempted"
+def training_ranks(launcher_pid: int) -> list[psutil.Process]:
+    return [
+        p for p in psutil.Process(launcher_pid).children(recursive=True) if "biomedgpt.train" in " ".join(p.cmdline())
+    ]
+
+
+def start_stoppable_job(data_root: Path, run_dir: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A 40-step job without periodic checkpoints, past its second step: torchrun and its two ranks."""
     run_dir.mkdir()
     proc = subprocess.Popen(
         command(data_root, run_dir, 2, 40, ["checkpoint.every_steps=100"]), env=environment(run_dir), cwd=run_dir,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     wait_for_step(run_dir, 2, proc)
-    workers = [
-        p for p in psutil.Process(proc.pid).children(recursive=True) if "biomedgpt.train" in " ".join(p.cmdline())
-    ]
-    assert len(workers) == 2
-    workers[-1].send_signal(signal.SIGTERM)  # one rank only: the ranks must agree among themselves
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-4000:]
-    assert "checkpoint saved, exiting 0" in output
+    ranks = training_ranks(proc.pid)
+    assert len(ranks) == 2
+    return proc, ranks
+
+
+def assert_stopped_with_a_checkpoint(run_dir: Path, output: str) -> int:
+    """The step the job stopped at, after checking it saved there and marked its MLflow run KILLED."""
+    assert "checkpoint saved, exiting 0" in output, output[-4000:]
     stopped_at = max(losses(run_dir))
     assert stopped_at < 40
     assert (run_dir / "ckpt" / "latest").read_text() == f"step_{stopped_at:08d}"
     assert runs_of(run_dir)[0].info.status == "KILLED"
+    return stopped_at
+
+
+def test_sigterm_saves_exits_zero_and_the_next_start_resumes(data_root, tmp_path):
+    run_dir = tmp_path / "preempted"
+    proc, ranks = start_stoppable_job(data_root, run_dir)
+    ranks[-1].send_signal(signal.SIGTERM)  # one rank only: the ranks must agree among themselves
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    stopped_at = assert_stopped_with_a_checkpoint(run_dir, output)
 
     resumed = run(data_root, run_dir, nproc=2, steps=stopped_at + 2)
     assert f"at step {stopped_at}" in resumed.stdout
@@ -177,24 +194,13 @@ def test_sigterm_saves_exits_zero_and_the_next_start_resumes(data_root, tmp_path
 
 def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(data_root, tmp_path):
     run_dir = tmp_path / "orphaned"
-    run_dir.mkdir()
-    proc = subprocess.Popen(
-        command(data_root, run_dir, 2, 40, ["checkpoint.every_steps=100"]), env=environment(run_dir), cwd=run_dir,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    wait_for_step(run_dir, 2, proc)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "biomedgpt.train" in " ".join(p.cmdline())]
-    assert len(ranks) == 2
+    proc, ranks = start_stoppable_job(data_root, run_dir)
     os.kill(proc.pid, signal.SIGKILL)  # torchrun only: its ranks live on in sessions of their own
     output, _ = proc.communicate(timeout=600)  # the ranks hold the pipe until they exit
-    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    _, alive = psutil.wait_procs(ranks, timeout=60)
     assert not alive, output[-4000:]
     assert f"the launcher (pid {proc.pid}) has exited" in output, output[-4000:]
-    assert "checkpoint saved, exiting 0" in output
-    stopped_at = max(losses(run_dir))
-    assert stopped_at < 40
-    assert (run_dir / "ckpt" / "latest").read_text() == f"step_{stopped_at:08d}"
-    assert runs_of(run_dir)[0].info.status == "KILLED"
+    assert_stopped_with_a_checkpoint(run_dir, output)
 
 
 def test_deepspeed_launcher_runs_the_same_entry_point(data_root, tmp_path):
