@@ -26,15 +26,6 @@ SMALL = [
 DETERMINISTIC = ["model.dropout=0.0", "model.encoder_drop_path_rate=0.0", "model.decoder_drop_path_rate=0.0"]
 
 
-def free_port() -> int:
-    return free_local_port()
-
-
-def train_command(config: str, overrides: list[str], nproc: int) -> list[str]:
-    """``torchrun --nproc_per_node=N -m biomedgpt.train --config CONFIG OVERRIDES``."""
-    return torchrun_command(config, overrides, nproc)
-
-
 def environment(run_dir: Path, store: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     uri = f"sqlite:///{store or run_dir / 'mlruns.db'}"
@@ -48,7 +39,7 @@ def run_training(
     """Run a job to its end in ``run_dir`` and fail the test with its output when it does not exit 0."""
     run_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        train_command(config, overrides, nproc), env=environment(run_dir, store), cwd=run_dir,
+        torchrun_command(config, overrides, nproc), env=environment(run_dir, store), cwd=run_dir,
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -74,8 +65,9 @@ def mlflow_runs(store: Path, experiment: str) -> list:
 def torchrun_script(script: str | Path, argument: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     """Run a test file as a ``torchrun`` script (its ``__main__`` part) with ``argument``, in that folder; fail the
     test with its output unless it exits 0. tests/ is on its PYTHONPATH for the shared helper modules."""
+    port = free_local_port()
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
         str(script), str(argument),
     ]  # fmt: skip
     tests_dir = str(Path(__file__).resolve().parent)

@@ -110,8 +110,11 @@ def _rank_main(job: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- helpers (pytest)
 
 
-def _launch(job: dict[str, Any], world_size: int, port: int, timeout: float = 240.0) -> list[dict[str, Any]]:
+def _launch(job: dict[str, Any], world_size: int, timeout: float = 240.0) -> list[dict[str, Any]]:
     """Start ``world_size`` rank processes on this "node" and return their results in rank order."""
+    from biomedgpt.train.cli import free_local_port
+
+    port = free_local_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ)
@@ -156,14 +159,6 @@ def _global_steps(per_rank_batches: list[list[list[str]]]) -> list[list[str]]:
 
 
 # --------------------------------------------------------------------------------------------- tests
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -323,7 +318,6 @@ def rank_runs(vqa_data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             "result": str(root / "a{rank}.json"),
         },
         world_size=2,
-        port=_free_port(),
     )
     state_a = root / "state_a.json"
     state_a.write_text(json.dumps(a[0]["state"]))
@@ -339,7 +333,6 @@ def rank_runs(vqa_data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             "result": str(root / "b{rank}.json"),
         },
         world_size=1,
-        port=_free_port(),
     )
     state_b = root / "state_b.json"
     state_b.write_text(json.dumps(b[0]["state"]))
@@ -352,7 +345,6 @@ def rank_runs(vqa_data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             "result": str(root / "c{rank}.json"),
         },
         world_size=2,
-        port=_free_port(),
     )
     return {"a": a, "b": b, "c": c}
 

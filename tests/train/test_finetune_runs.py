@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-from training_jobs import SMALL, environment, losses, metric_records, mlflow_runs, run_training, train_command
+from training_jobs import SMALL, environment, losses, metric_records, mlflow_runs, run_training
 
 from biomedgpt.demo import prepare_demo_data
+from biomedgpt.train.cli import torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -211,7 +212,7 @@ def check_resume_keeps_ema_and_best(data_root: Path, run_dir: Path, first_best: 
     overrides.append(f"optim.max_steps={STEPS + EVERY}")
     saved = sorted(p.name for p in (run_dir / "ckpt").iterdir())
     refused = subprocess.run(
-        train_command("finetune_vqa", overrides, nproc=1), env=environment(run_dir), cwd=run_dir,
+        torchrun_command("finetune_vqa", overrides, nproc=1), env=environment(run_dir), cwd=run_dir,
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert refused.returncode != 0, refused.stdout[-2000:] + refused.stderr[-3000:]

@@ -23,14 +23,13 @@ from training_jobs import (
     DETERMINISTIC,
     SMALL,
     environment,
-    free_port,
     losses,
     mlflow_runs,
     run_training,
-    train_command,
 )
 
 from biomedgpt.demo import demo_overrides, prepare_demo_data
+from biomedgpt.train.cli import free_local_port, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,7 @@ def demo_run_overrides(data_root: Path, run_dir: Path, steps: int, extra: list[s
 
 
 def command(data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[str]) -> list[str]:
-    return train_command("demo", demo_run_overrides(data_root, run_dir, steps, extra), nproc)
+    return torchrun_command("demo", demo_run_overrides(data_root, run_dir, steps, extra), nproc)
 
 
 def run(
@@ -210,7 +209,7 @@ def test_deepspeed_launcher_runs_the_same_entry_point(data_root, tmp_path):
     overrides = demo_overrides(data_root, 2) + [f"checkpoint.dir={run_dir / 'ckpt'}", *SMALL]
     launcher = Path(sys.executable).parent / "deepspeed"
     proc = subprocess.run(
-        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "biomedgpt.train",
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_local_port()), "--module", "biomedgpt.train",
          "--config", "demo", *overrides],
         env=environment(run_dir), cwd=run_dir, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
