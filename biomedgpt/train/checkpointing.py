@@ -125,6 +125,16 @@ def save_checkpoint(
     return root / tag
 
 
+def _load_state_file(path: Path) -> Any:
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def load_rank_state(directory: str | Path, name: str, rank: int) -> Any | None:
+    """Rank ``rank``'s own ``<name>_rank<r>.pt`` of a checkpoint; None when it has none."""
+    path = rank_state_file(directory, name, rank)
+    return _load_state_file(path) if path.is_file() else None
+
+
 def load_rank_states(directory: str | Path, name: str) -> list[Any]:
     """Every rank's ``<name>_rank<r>.pt`` of a checkpoint, in rank order (the saving run may have had another
     world size); an error naming the checkpoint when there are none."""
@@ -134,7 +144,7 @@ def load_rank_states(directory: str | Path, name: str) -> list[Any]:
             f"{directory} has no {name}_rank*.pt files: it was saved by a run without {name}; start from a checkpoint "
             f"that has them, or turn {name} off"
         )
-    return [torch.load(path, weights_only=False, map_location="cpu") for path in files]
+    return [_load_state_file(path) for path in files]
 
 
 def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -> dict[str, Any] | None:
@@ -177,10 +187,10 @@ def load_latest_checkpoint(engine: Any, checkpoint_dir: str | Path, rank: int) -
                 str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
             ok = load_path is not None and client_state is not None
-            rng_file = rank_state_file(directory, "rng", rank)
-            if ok and rng_file.is_file():
+            rng = load_rank_state(directory, "rng", rank) if ok else None
+            if rng is not None:
                 # Applied by the caller just before the next step: building the data iterator draws from the RNG.
-                client_state["rng_state"] = torch.load(rng_file, weights_only=False)
+                client_state["rng_state"] = rng
             if ok:
                 client_state["checkpoint_path"] = str(directory)
         except Exception as exc:  # a corrupt checkpoint shows up as any of torch.load's errors

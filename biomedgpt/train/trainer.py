@@ -24,8 +24,8 @@ from biomedgpt.data.pretrain_tasks import AUXILIARY_TASKS, IMAGE_TEXT_TASKS
 from biomedgpt.data.transforms import rng_for
 from biomedgpt.train.checkpointing import (
     load_latest_checkpoint,
+    load_rank_state,
     load_rank_states,
-    rank_state_file,
     save_checkpoint,
     set_rng_state,
 )
@@ -361,8 +361,7 @@ class Trainer:
         """This rank's own EMA file when it was saved under the same partitioning (the usual resume, 1/world of
         the model read); otherwise every saving rank's, resharded."""
         assert self.ema is not None
-        own_file = rank_state_file(checkpoint, "ema", self.context.rank)
-        own = torch.load(own_file, weights_only=False, map_location="cpu") if own_file.is_file() else None
+        own = load_rank_state(checkpoint, "ema", self.context.rank)
         if own is not None and self.ema.saved_alike(own):
             self.ema.load_state_dict(own)
         else:
