@@ -19,16 +19,22 @@ precision/recall/mfu/hfu/tflops/per_second/throughput (max) and lr/learning_rate
 compares --metrics, else the common ones among loss, loss_*, loss/*, lr and grad_norm, for every pair of runs on the
 same steps; values a, b are equal when |a - b| <= max(rtol * max(|a|, |b|), atol) (default: exactly equal).
 
-Exit status: 0 success (curves equal), 1 curves differ, 2 usage error or a run, experiment or store not found.
+Stores are checked before use: an http(s) server must answer within 5 s, an SQLite file or mlruns directory must
+exist and be an MLflow store (nothing is created), an unknown scheme lists the supported ones.
+
+Exit status: 0 success (curves equal), 1 curves differ, 2 usage error, a run or experiment not found, or a store
+missing, unreachable or not an MLflow store (one line naming the URI).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
+import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, get_args
 
 from biomedgpt.tracking.compare import (
@@ -131,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _short_http_limits() -> Iterator[None]:
+    """For this command only, the tracker's short MLflow HTTP retry and timeout limits where the user set none:
+    MLflow's defaults (7 retries with backoff, 120 s timeout) keep a failing request going for minutes."""
+    from biomedgpt.tracking.mlflow_tracker import _HTTP_ENV_DEFAULTS
+
+    added = {name: value for name, value in _HTTP_ENV_DEFAULTS.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -219,11 +240,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 original(message, category, *rest, **kwargs)
 
         warnings.showwarning = show
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
-            return _compare(args)
+            with _short_http_limits():
+                return _compare(args)
         except CompareError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 2
+        except (MlflowException, SQLAlchemyError) as exc:  # the store failed after the checks of open_client
+            from biomedgpt.tracking.mlflow_tracker import _redact, default_tracking_uri
+
+            uri = _redact(args.tracking_uri or default_tracking_uri())
+            text = " ".join(str(getattr(exc, "message", None) or exc).split())
+            print(f"{PROG}: error: MLflow store {uri}: {text}", file=sys.stderr)
+        except OSError as exc:  # writing --plot/--html/--json, reading a store file: the message names the path
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import time
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_ASSERT_METRICS",
     "GOAL_RULES",
     "JSON_FORMAT",
+    "TRACKING_SCHEMES",
     "CompareError",
     "CompareWarning",
     "Comparison",
@@ -140,17 +142,164 @@ class RunData:
         return None if end is None else max(0.0, (end - self.start_time) / 1000)
 
 
-def open_client(tracking_uri: str) -> MlflowClient:
-    """An ``MlflowClient``; a missing SQLite file is an error rather than a freshly created empty store."""
+# Tracking URI schemes MLflow 3 has stores for (mlflow/tracking/_tracking_service/utils.py); plugins add their own
+# through the "mlflow.tracking_store" entry point group.
+TRACKING_SCHEMES: tuple[str, ...] = (
+    "sqlite",
+    "http",
+    "https",
+    "file",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+_MLFLOW_TABLES = ("experiments", "runs", "metrics")  # what every MLflow SQL schema has
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The root cause of a chained exception (MLflow wraps requests, which wraps urllib3, which wraps the OSError)."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _check_http_server(uri: str, shown: str, timeout_s: float) -> None:
+    """One request to the MLflow REST API, no retries: fails in ``timeout_s`` where MLflow's client, with its
+    default 7 retries and 120 s timeout, takes minutes to give up on a server that is down."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    endpoint = "/api/2.0/mlflow/experiments/search"  # a read (REST API reference: "Search Experiments")
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            endpoint,
+            "POST",
+            max_retries=0,
+            timeout=timeout_s,
+            raise_on_status=False,
+            json={"max_results": 1},
+        )
+    except MlflowException as exc:
+        reason = _one_line(str(_innermost(exc)))
+        raise CompareError(
+            f"cannot reach the MLflow server at {shown} within {timeout_s:g} s ({reason}); is `mlflow server` "
+            "running there? Pass --tracking-uri or set MLFLOW_TRACKING_URI to the right server"
+        ) from exc
+    status = response.status_code
+    if status in (401, 403):
+        raise CompareError(
+            f"the MLflow server at {shown} refused access (HTTP {status}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
+        )
+    if status == 404:
+        raise CompareError(
+            f"{shown} is not an MLflow tracking server (HTTP 404 for {endpoint}); check the host, port and any "
+            "path prefix of the URI"
+        )
+    if status >= 400:
+        raise CompareError(
+            f"the MLflow server at {shown} answered HTTP {status} {response.reason} for {endpoint}: "
+            f"{_one_line(response.text, 200)}"
+        )
+
+
+def _check_sqlite_store(path: Path, shown: str) -> None:
+    """The file must exist and hold MLflow's tables: MLflow would otherwise create a store (or add its tables to
+    someone else's database) where the user meant to read one."""
+    import sqlite3
+
+    hint = "pass --tracking-uri or set MLFLOW_TRACKING_URI, or run from the directory that holds mlruns.db"
+    if not path.parent.is_dir():
+        raise CompareError(f"no MLflow store at {shown}: the directory {path.parent} does not exist ({hint})")
+    if not path.exists():
+        raise CompareError(f"no MLflow store at {shown}: {path} does not exist ({hint})")
+    if not path.is_file():
+        raise CompareError(f"no MLflow store at {shown}: {path} is not a file ({hint})")
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(16)
+    except OSError as exc:
+        raise CompareError(f"cannot read the MLflow store {shown}: {exc}") from exc
+    if header != b"SQLite format 3\x00":  # the file format's magic string (sqlite.org/fileformat.html)
+        raise CompareError(f"no MLflow store at {shown}: {path} is not an SQLite database ({hint})")
+    try:  # read-only: the check itself must not change the file
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise CompareError(f"cannot read the SQLite database of {shown}: {exc}") from exc
+    missing = [t for t in _MLFLOW_TABLES if t not in tables]
+    if missing:
+        raise CompareError(
+            f"no MLflow store at {shown}: {path} is an SQLite database without MLflow's tables "
+            f"(no {', '.join(missing)} table); {hint}"
+        )
+
+
+def _check_file_store(uri: str, shown: str) -> None:
+    import urllib.request
+
+    path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(uri).path) if uri.startswith("file:") else uri)
+    if not path.is_dir():
+        raise CompareError(f"no MLflow file store at {shown}: the directory {path} does not exist")
+    if not any(child.is_dir() and (child / "meta.yaml").is_file() for child in path.iterdir()):
+        raise CompareError(
+            f"no MLflow file store at {shown}: {path} has no experiment folder with a meta.yaml; pass the mlruns "
+            "directory or an sqlite:/// URI"
+        )
+
+
+def _plugin_schemes() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return [entry.name for entry in entry_points(group="mlflow.tracking_store")]
+
+
+def open_client(tracking_uri: str, *, timeout_s: float = 5.0) -> MlflowClient:
+    """An ``MlflowClient`` for a store that exists and answers, checked first so a bad URI fails in seconds with
+    a :class:`CompareError` naming it: an http(s) server must answer one REST request within ``timeout_s``; an
+    SQLite file or a file store directory must exist and be an MLflow store (nothing is created); an unknown
+    scheme lists the supported ones. Other schemes (postgresql, databricks, plugins) go straight to MLflow."""
     from mlflow import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri[len("sqlite:///") :])
-        if str(path) not in ("", ":memory:") and not path.exists():
-            raise CompareError(
-                f"no MLflow store at {path} (pass --tracking-uri or set MLFLOW_TRACKING_URI, or run from the "
-                "directory that holds mlruns.db)"
-            )
+    from biomedgpt.tracking.mlflow_tracker import _redact
+
+    shown = _redact(tracking_uri)
+    scheme = urllib.parse.urlsplit(tracking_uri).scheme.lower()
+    base = scheme.split("+", 1)[0]  # SQLAlchemy's dialect+driver form, e.g. sqlite+pysqlite
+    if base in ("http", "https"):
+        _check_http_server(tracking_uri, shown, timeout_s)
+    elif base == "sqlite":
+        rest = tracking_uri.split(":", 1)[1]
+        if not rest.startswith("///"):
+            raise CompareError(f"bad SQLite URI {shown}: expected sqlite:///relative/path.db or sqlite:////abs/path.db")
+        location = urllib.parse.unquote(rest[3:].split("?", 1)[0])
+        if location not in ("", ":memory:"):
+            _check_sqlite_store(Path(location), shown)
+    elif scheme in ("", "file"):
+        _check_file_store(tracking_uri, shown)
+    elif base not in TRACKING_SCHEMES and scheme not in _plugin_schemes():
+        supported = ", ".join(f"{s}:" for s in (*TRACKING_SCHEMES, *_plugin_schemes()))
+        raise CompareError(
+            f"unsupported tracking URI {shown}: the scheme {scheme}: is none MLflow has a store for ({supported}), "
+            "e.g. sqlite:///mlruns.db or http://host:5000"
+        )
     return MlflowClient(tracking_uri)
 
 

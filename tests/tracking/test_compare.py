@@ -304,3 +304,118 @@ def test_json_baseline_round_trip(client: Any, experiment_id: str, cli: Any, tmp
     (tmp_path / "bad.json").write_text("{}")
     code, _, err = cli("candidate", "--baseline", str(tmp_path / "bad.json"))
     assert code == 2 and "not a biomedgpt-compare JSON summary" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stores that are missing, wrong or unreachable: one line naming the URI, exit 2, in seconds
+
+
+def _only_error_line(err: str, uri: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("biomedgpt-compare: error: "), err
+    assert uri in lines[0] and "Traceback" not in err
+    return lines[0]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed on leaving: nothing listens there
+
+
+def test_unreachable_server_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}/"
+    start = time.monotonic()
+    code = main(["some-run", "--tracking-uri", uri])
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 2 and elapsed < 15, (code, elapsed, err)
+    assert "cannot reach the MLflow server" in _only_error_line(err, uri)
+
+
+def test_server_that_never_answers_times_out() -> None:
+    import socket
+
+    from biomedgpt.tracking.compare import open_client
+
+    with socket.socket() as listening:  # accepts connections (the kernel's backlog) but never answers
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(4)
+        uri = f"http://127.0.0.1:{listening.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(CompareError, match=r"cannot reach the MLflow server .* within 1 s"):
+            open_client(uri, timeout_s=1)
+        assert time.monotonic() - start < 10
+
+
+def test_http_server_that_is_not_mlflow(capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}/not-mlflow"
+        assert main(["some-run", "--tracking-uri", uri]) == 2
+        assert "is not an MLflow tracking server (HTTP 404" in _only_error_line(capsys.readouterr().err, uri)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_sqlite_stores_are_named_and_left_unchanged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    def check(uri: str, expected: str) -> None:
+        assert main(["some-run", "--tracking-uri", uri]) == 2
+        assert expected in _only_error_line(capsys.readouterr().err, uri)
+
+    check(f"sqlite:///{tmp_path}/no-such-dir/mlruns.db", f"the directory {tmp_path}/no-such-dir does not exist")
+    assert not (tmp_path / "no-such-dir").exists()
+
+    text = tmp_path / "notes.db"
+    text.write_text("not a database\n")
+    check(f"sqlite:///{text}", "is not an SQLite database")
+
+    other = tmp_path / "other.db"  # somebody else's SQLite database: MLflow must not add its tables to it
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE patients (id INTEGER)")
+    connection.close()
+    before = other.read_bytes()
+    check(f"sqlite:///{other}", "is an SQLite database without MLflow's tables (no experiments, runs, metrics")
+    assert other.read_bytes() == before
+
+    check(f"sqlite:///{tmp_path}", "is not a file")
+
+
+def test_bad_file_stores_and_schemes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def error(uri: str) -> str:
+        assert main(["some-run", "--tracking-uri", uri]) == 2
+        return _only_error_line(capsys.readouterr().err, uri)
+
+    assert "does not exist" in error(f"file://{tmp_path}/absent")
+    assert "does not exist" in error(str(tmp_path / "absent"))
+    assert not (tmp_path / "absent").exists()
+    assert "has no experiment folder with a meta.yaml" in error(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing written into the directory
+
+    message = error("garbage://somewhere/store")
+    assert "unsupported tracking URI" in message and "sqlite:" in message and "http:" in message
+
+    # A store that passes the checks but that MLflow itself refuses: its MlflowException as one line.
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "mlruns" / "0").mkdir(parents=True)
+    (tmp_path / "mlruns" / "0" / "meta.yaml").write_text("name: Default\n")
+    assert "MLFLOW_ALLOW_FILE_STORE" in error(str(tmp_path / "mlruns"))
