@@ -36,9 +36,12 @@ from biomedgpt.model import (
     generate,
     score_candidates,
 )
+from biomedgpt.output_dirs import OutputDirError, claim_output_dir
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 IMAGE_SIZE = 256
+# What the demo writes in its --out folder (and replaces on a re-run); the staging folders are the checkpoint tools'.
+DEMO_ENTRIES = ("checkpoints", "converted", "corpus", "eval_vqa", "finetune_vqa", "model", "untrained_model")
 PROMPTS = [" what does the image describe?", " is there a lesion in the image?"]
 
 
@@ -91,7 +94,7 @@ def model_tour(out_dir: Path, console: Console) -> Path:
         )
     console.print(table)
 
-    model_dir = out_dir / "model"
+    model_dir = out_dir / "untrained_model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     reloaded = BiomedGPTForConditionalGeneration.from_pretrained(model_dir).eval()
@@ -187,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console()
     root = args.out.resolve()
+    try:  # the demo replaces its own folders on a re-run: never those of a directory it did not make
+        claim_output_dir(root, tool="biomedgpt-demo", owned=DEMO_ENTRIES)
+    except OutputDirError as error:
+        console.print(f"[red]{error}[/red]")
+        return 2
     if not args.skip_tour:
         console.rule("1. the model")
         model_tour(root, console)

@@ -10,7 +10,7 @@ from typing import Any
 
 # name -> submodule that defines it
 _LAZY: dict[str, str] = {
-    "ConsolidationError": "consolidate",
+    "ConsolidationError": "errors",
     "ZeroCheckpoint": "consolidate",
     "consolidate_checkpoint": "consolidate",
     "verify_consolidated": "consolidate",

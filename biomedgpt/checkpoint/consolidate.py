@@ -43,16 +43,30 @@ from typing import Any
 
 import torch
 
+from biomedgpt.checkpoint.errors import DEFAULT_MAX_SHARD_SIZE, ConsolidationError, VerificationError
 from biomedgpt.data.finetune_tasks import TASK_FILE
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt.output_dirs import OutputDirError, check_output_dir, replace_output_dir, staging_dir
 from biomedgpt.tokenizer import BiomedGPTTokenizer
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "ConsolidationError",
+    "ConsolidationResult",
+    "VerificationError",
+    "VerificationResult",
+    "ZeroCheckpoint",
+    "consolidate_checkpoint",
+    "verify_consolidated",
+]
+
+TOOL = "biomedgpt-consolidate"
 
 LATEST_FILE = "latest"
 CONFIG_FILES = ("config.json", "model_config.json")
 TOKENIZER_DIR = "tokenizer"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -77,14 +91,6 @@ _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_sta
 _ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _ZERO12_MODEL_FILE = "mp_rank_00_model_states.pt"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-
-
-class ConsolidationError(ValueError):
-    """A problem with the checkpoint or the arguments that the user can fix; the message names the file."""
-
-
-class VerificationError(ConsolidationError):
-    """``verify_consolidated`` found the written model differs from the reference."""
 
 
 def parse_size(size: str | int) -> int:
@@ -752,20 +758,11 @@ def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True, file=sys.stderr, disable=disable)
 
 
-def _check_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConsolidationError(f"{output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConsolidationError(f"{output_dir} exists and is not empty; pass --overwrite to replace it")
-
-
-def _staging_dir(output_dir: Path) -> Path:
-    """A sibling of the output (same file system, so the final rename is atomic)."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    return staging
+def _check_output(output: Path, checkpoint_dir: str | os.PathLike[str], overwrite: bool) -> None:
+    try:
+        check_output_dir(output, tool=TOOL, inputs=[checkpoint_dir], overwrite=overwrite)
+    except OutputDirError as error:
+        raise ConsolidationError(str(error)) from None
 
 
 def consolidate_checkpoint(
@@ -790,7 +787,7 @@ def consolidate_checkpoint(
     out_dtype = output_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
     output = Path(output_dir)
-    _check_output(output, overwrite)  # before any work
+    _check_output(output, checkpoint_dir, overwrite)  # before any work
     checkpoint = ZeroCheckpoint(checkpoint_dir, tag)
     sources = resolve_model_sources(checkpoint, config_from, tokenizer, config_overrides)
     entries, tied = _plan_entries(checkpoint, sources.config, out_dtype)
@@ -805,7 +802,7 @@ def consolidate_checkpoint(
         "world_size": str(checkpoint.world_size),
     }
 
-    staging = _staging_dir(output)
+    staging = staging_dir(output)
     try:
         with _progress_bar(total, progress, "consolidating") as bar:
             for name, shard in zip(names, shards):
@@ -825,9 +822,7 @@ def consolidate_checkpoint(
         task_file = _find_task_file(checkpoint)
         if task_file is not None:  # evaluation then prepares inputs as the fine-tuning did
             shutil.copyfile(task_file, staging / TASK_FILE)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        replace_output_dir(staging, output, tool=TOOL, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

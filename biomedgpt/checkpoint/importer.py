@@ -34,6 +34,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 import tempfile
 import types
 from collections.abc import Iterable, Mapping
@@ -43,7 +44,9 @@ from typing import Any
 
 import torch
 
+from biomedgpt.checkpoint.errors import CheckpointImportError
 from biomedgpt.model.config import MODEL_SIZES, RESNET_LAYERS, BiomedGPTConfig, size_settings
+from biomedgpt.output_dirs import check_output_dir, replace_output_dir, staging_dir
 
 __all__ = [
     "FAIRSEQ",
@@ -68,6 +71,7 @@ __all__ = [
 FAIRSEQ = "fairseq"
 HF_OFA = "hf-ofa"
 REPORT_NAME = "import_report.json"
+TOOL = "biomedgpt-import"
 
 # OFA architecture names (``--arch``) -> our size names (spec section 2).
 FAIRSEQ_SIZE_NAMES = {
@@ -85,10 +89,6 @@ _REBUILT = re.compile(r"(?:^|\.)version$|(?:^|\.)(?:token|image)_rp_bucket$|^dec
 _NORMFORMER_KEY = re.compile(r"\.(attn_ln|self_attn_ln|cross_attn_ln|ffn_layernorm)\.(weight|bias)$|\.c_attn$")
 _LAYER_INDEX = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.")
 _RESNET_BLOCK = re.compile(r"^encoder\.embed_images\.layer([123])\.(\d+)\.")
-
-
-class CheckpointImportError(ValueError):
-    """The checkpoint cannot be imported as asked; the message says why and what to change."""
 
 
 # ------------------------------------------------------------------------------------------- state-dict adapters
@@ -1017,8 +1017,7 @@ def import_checkpoint(
     if dtype not in _DTYPES:
         raise CheckpointImportError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
-    if out.exists() and (out / "config.json").exists() and not overwrite:
-        raise CheckpointImportError(f"{out} already holds a model (config.json); pass overwrite=True / --overwrite")
+    check_output_dir(out, tool=TOOL, inputs=[source], overwrite=overwrite)  # OutputDirError, before any work
 
     loaded = load_source(source, ema=ema)
     layout = detect_layout(loaded.state_dict)
@@ -1127,11 +1126,6 @@ def import_checkpoint(
         raise CheckpointImportError(f"internal: keys not loaded: {_format_keys(sorted(leftover))}")
     model = model.to(_DTYPES[dtype]).eval()
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-
     report = ImportReport(
         source=str(loaded.path),
         output=str(out),
@@ -1155,5 +1149,14 @@ def import_checkpoint(
         tokenizer=tokenizer_info,
         warnings=warnings,
     )
-    (out / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    staging = staging_dir(out)  # the directory appears whole, with the manifest that lets --overwrite replace it
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        replace_output_dir(staging, out, tool=TOOL, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return report

@@ -24,7 +24,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from biomedgpt.checkpoint.consolidate import DEFAULT_MAX_SHARD_SIZE, ConsolidationError
+from biomedgpt.checkpoint.errors import DEFAULT_MAX_SHARD_SIZE, ConsolidationError
+from biomedgpt.output_dirs import OutputDirError
 
 PROG = "biomedgpt-consolidate"
 
@@ -73,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference weights for --verify (implies it): a .pt or .safetensors state dict gathered from the "
         "engine; default: DeepSpeed's own zero_to_fp32 reading of the checkpoint",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier consolidation in OUT_DIR (only the files it wrote; a directory holding anything "
+        "else, or the checkpoint itself, is refused)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -109,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(verification.summary(), file=out, flush=True)
                 if not verification.ok:
                     return 1
-    except (ConsolidationError, OSError) as error:  # OSError: the output side (disk full, permissions)
+    except (ConsolidationError, OutputDirError, OSError) as error:  # OSError: the output side (disk full, permissions)
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     return 0

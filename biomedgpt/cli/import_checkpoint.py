@@ -25,9 +25,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from biomedgpt.checkpoint.importer import REPORT_NAME, CheckpointImportError, ImportReport, import_checkpoint
-from biomedgpt.model.config import MODEL_SIZES
+from biomedgpt.checkpoint.errors import CheckpointImportError
+from biomedgpt.output_dirs import OutputDirError
+
+if TYPE_CHECKING:  # the importer pulls in torch and transformers: loaded after parsing, so --help stays instant
+    from biomedgpt.checkpoint.importer import ImportReport
+
+# The published sizes, as biomedgpt.model.config.MODEL_SIZES names them (checked there after parsing).
+SIZE_NAMES = ("tiny", "medium", "base", "large", "xlarge")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bpe-dir", metavar="DIR", help="directory with encoder.json, vocab.bpe and dict.txt (BiomedGPT utils/BPE)"
     )
     parser.add_argument(
-        "--size", choices=list(MODEL_SIZES), help="force a published size instead of reading the checkpoint"
+        "--size", choices=SIZE_NAMES, help="force a published size instead of reading the checkpoint"
     )
     normformer = parser.add_mutually_exclusive_group()
     normformer.add_argument(
@@ -63,11 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dtype of the saved weights"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a model already in OUT_DIR")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier import in OUT_DIR (only the files it wrote; a directory holding anything else is "
+        "refused)",
+    )
     return parser
 
 
 def _print_summary(report: ImportReport) -> None:
+    from biomedgpt.checkpoint.importer import REPORT_NAME
+
     config = report.config
     size = report.size_guess or "custom"
     print(f"imported {report.source} ({report.layout}, {report.weights}) -> {report.output}")
@@ -93,6 +107,8 @@ def _print_summary(report: ImportReport) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from biomedgpt.checkpoint.importer import import_checkpoint
+
     try:
         report = import_checkpoint(
             args.source,
@@ -107,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
         )
+    except OutputDirError as exc:  # a usage error: nothing was read or written
+        print(f"biomedgpt-import: error: {exc}", file=sys.stderr)
+        return 2
     except CheckpointImportError as exc:
         print(f"biomedgpt-import: error: {exc}", file=sys.stderr)
         return 1

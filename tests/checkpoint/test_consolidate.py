@@ -28,6 +28,7 @@ from biomedgpt.checkpoint.consolidate import (
 )
 from biomedgpt.cli.consolidate import main
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt.output_dirs import MANIFEST_NAME
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 TIED = {"decoder.embed_tokens.weight", "decoder.output_projection.weight"}
@@ -309,14 +310,52 @@ def test_errors_name_the_path(zero_checkpoints: Path, tmp_path: Path, capsys: py
     with pytest.warns(UserWarning, match="no COMPLETE marker"):
         ZeroCheckpoint(unmarked, TAG)
 
-    # An existing output is not overwritten unless asked.
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "keep.txt").write_text("x")
-    assert main([str(ckpt), str(tmp_path / "taken"), "--no-progress"]) == 2
-    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "taken" / "keep.txt").exists()
-    assert main([str(ckpt), str(tmp_path / "taken"), "--no-progress", "--overwrite"]) == 0
-    assert not (tmp_path / "taken" / "keep.txt").exists() and (tmp_path / "taken" / "model.safetensors").exists()
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_what_consolidation_did_not_write(
+    zero_checkpoints: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The reported data loss: OUT containing the checkpoint (a run folder), and OUT being the checkpoint.
+    run = tmp_path / "RUN"
+    shutil.copytree(zero_checkpoints / "zero2" / "ckpt", run / "checkpoints")
+    (run / "notes.txt").write_text("mine")
+    before = _tree(run)
+    for output in (run, run / "checkpoints"):
+        assert main([str(run / "checkpoints"), str(output), "--overwrite", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "the input" in err and str(output) in err, err
+        assert _tree(run) == before, output  # not a byte removed
+
+    # A directory of somebody else's files: refused with or without --overwrite, nothing removed.
+    ckpt = run / "checkpoints"
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        assert main([str(ckpt), str(taken), "--no-progress", *extra]) == 2
+        assert "did not write (keep.txt)" in capsys.readouterr().err
+        assert (taken / "keep.txt").read_text() == "x" and not (taken / "model.safetensors").exists()
+
+    # An earlier consolidation: replaced only with --overwrite, and then without leftovers (4 shards -> 1 file).
+    out = tmp_path / "model"
+    assert main([str(ckpt), str(out), "--no-progress", "--max-shard-size", "40KB"]) == 0
+    sharded = set(_tree(out))
+    assert len([n for n in sharded if n.endswith(".safetensors")]) > 1 and MANIFEST_NAME in sharded
+    assert main([str(ckpt), str(out), "--no-progress"]) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert main([str(ckpt), str(out), "--no-progress", "--overwrite"]) == 0
+    replaced = set(_tree(out))
+    assert "model.safetensors" in replaced and not [n for n in replaced if n.startswith("model-0")]
     assert not list(tmp_path.glob(".*partial*"))  # no staging directory left behind
+
+    # A file the user added to a consolidated model: the next --overwrite keeps everything.
+    (out / "my_eval.json").write_text("{}")
+    kept = _tree(out)
+    assert main([str(ckpt), str(out), "--no-progress", "--overwrite"]) == 2
+    assert "did not write (my_eval.json)" in capsys.readouterr().err and _tree(out) == kept
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from biomedgpt.checkpoint.importer import (
 )
 from biomedgpt.cli.import_checkpoint import main as cli_main
 from biomedgpt.model.positions import decoder_image_position_ids, image_relative_buckets, text_relative_buckets
+from biomedgpt.output_dirs import MANIFEST_NAME
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 SENTENCES = [
@@ -255,6 +256,29 @@ def test_fairseq_checkpoint_lands_key_for_key(fairseq_pt: Path, states: dict, vo
     tok = BiomedGPTTokenizer.from_pretrained(out)
     assert len(tok) == vocab["vocab_size"] == report["tokenizer"]["vocab_size"]
     assert tok.decode(tok.encode(SENTENCES[0])) == SENTENCES[0]
+
+
+def test_overwrite_replaces_only_an_earlier_import(
+    fairseq_pt: Path, states: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    assert cli_main([str(fairseq_pt), str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert MANIFEST_NAME in written and REPORT_NAME in written
+    assert cli_main([str(fairseq_pt), str(out)]) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert cli_main([str(fairseq_pt), str(out), "--overwrite", "--ema"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == written
+    assert_imported(out, states["ema"], states["config"])  # the new weights, not the old ones
+
+    # Anything the importer did not write stays, and the import is refused (exit 2), with or without --overwrite.
+    (out / "notes.md").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert cli_main([str(fairseq_pt), str(out), *extra]) == 2
+        assert "did not write (notes.md)" in capsys.readouterr().err
+    assert (out / "notes.md").read_text() == "mine" and (out / "config.json").exists()
+    # An HF directory imported onto itself would be replaced by its own import.
+    assert cli_main([str(out), str(out), "--overwrite"]) == 2 and "is the input" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_fairseq_ema_weights(fairseq_pt: Path, states: dict, tmp_path: Path) -> None:
