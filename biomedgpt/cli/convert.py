@@ -14,8 +14,11 @@ column that feeds it (``-`` marks an optional field the file does not have)::
 {layouts}
 
 Bad rows are written to OUT/rejects.jsonl (file, line, reason, column, detail) and counted by reason in
-OUT/conversion_summary.json; ``--strict`` stops at the first one instead (exit status 1). Re-running the same
-command skips finished shards. Exit status: 0 success (rejects included), 1 strict-mode failure, 2 usage error.
+OUT/conversion_summary.json; ``--strict`` stops at the first one instead (exit status 1). A conversion that keeps
+no row, or rejects more than ``--max-reject-ratio`` of them, fails (exit status 1) without writing OUT/index.json;
+its rejects and summary stay for inspection. Re-running the same command skips finished shards.
+Exit status: 0 success (rejects within the limit), 1 strict-mode failure, no row kept or too many rejected,
+2 usage error.
 """
 
 from __future__ import annotations
@@ -24,8 +27,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from biomedgpt.data.convert import ConversionError, ConversionSummary, StrictModeError, convert
-from biomedgpt.data.schema import KINDS
+from biomedgpt.data.convert import (
+    DEFAULT_MAX_REJECT_RATIO,
+    ConversionError,
+    ConversionSummary,
+    StrictModeError,
+    TooManyRejectsError,
+    convert,
+)
+from biomedgpt.data.schema import DEFAULT_MAX_FIELD_CHARS, DEFAULT_MAX_IMAGE_BYTES, KINDS
 
 
 def _layouts() -> str:
@@ -64,6 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a conversion in --out made from another input or options"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--max-field-chars",
+        type=int,
+        default=DEFAULT_MAX_FIELD_CHARS,
+        metavar="N",
+        help=f"reject rows with a text field longer than N characters (default {DEFAULT_MAX_FIELD_CHARS})",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        metavar="N",
+        help=f"reject rows whose decoded image is larger than N bytes (default {DEFAULT_MAX_IMAGE_BYTES})",
+    )
+    parser.add_argument(
+        "--clip-boxes",
+        action="store_true",
+        help="clip detection/grounding boxes reaching past the image instead of rejecting the row",
+    )
+    parser.add_argument(
+        "--max-reject-ratio",
+        type=float,
+        default=DEFAULT_MAX_REJECT_RATIO,
+        metavar="R",
+        help=f"fail (exit 1) when more than this share of rows is rejected (default {DEFAULT_MAX_REJECT_RATIO:g}; "
+        "1 = no limit, but keeping no row always fails)",
+    )
     return parser
 
 
@@ -79,6 +116,14 @@ def _print_summary(summary: ConversionSummary) -> None:
         for reason, count in sorted(summary.rejects_by_reason.items(), key=lambda kv: -kv[1]):
             print(f"  {reason:<{width}}  {count}")
         print(f"  details: {summary.out}/rejects.jsonl")
+    if summary.rows_clipped:
+        print(f"  {summary.rows_clipped} row{'s' if summary.rows_clipped != 1 else ''} with boxes clipped to the image")
+    if summary.crlf_lines:
+        print(f"  {summary.crlf_lines} lines ended in CRLF (accepted as line endings)")
+    if summary.utf8_bom:
+        print("  a UTF-8 byte order mark at the start of the file was dropped")
+    if summary.failed:
+        print(f"  FAILED: no {summary.out}/index.json written (see the error below)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,7 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             compression_level=args.compression_level,
+            max_field_chars=args.max_field_chars,
+            max_image_bytes=args.max_image_bytes,
+            clip_boxes=args.clip_boxes,
+            max_reject_ratio=args.max_reject_ratio,
         )
+    except TooManyRejectsError as exc:
+        _print_summary(exc.summary)
+        print(f"biomedgpt-convert: error: {exc}", file=sys.stderr)
+        return 1
     except StrictModeError as exc:
         print(f"biomedgpt-convert: error: {exc}", file=sys.stderr)
         return 1

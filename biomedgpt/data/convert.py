@@ -3,9 +3,10 @@
 How a run goes:
 
 1. One sequential pass over the input (binary mode, so ``\\r`` and byte offsets are exact, unlike OFA's text-mode
-   reader, spec 4.1) splits it into shards of ``rows_per_shard`` *lines*: shard ``k`` always holds lines
+   reader) splits it at ``\\n`` into shards of ``rows_per_shard`` *lines*: shard ``k`` always holds lines
    ``k*R+1 .. (k+1)*R``, whatever is rejected, so a re-run knows which shard holds which lines. The pass also
-   hashes each shard's byte range.
+   hashes each shard's byte range. A ``\\r\\n`` ending is one line ending (the ``\\r`` belongs to the range of its
+   line, so offsets and hashes need no special case), and a UTF-8 BOM is dropped from the very start of the file.
 2. Shards are converted by a pool of worker processes. Each validates its lines (:func:`schema.parse_row`), writes
    good rows to ``shard.NNNNN.parquet`` (via a ``.tmp`` name, renamed when complete) and bad ones to
    ``_convert/shard.NNNNN.rejects.jsonl``, then writes ``_convert/shard.NNNNN.json`` *last*, as the mark that the
@@ -17,6 +18,11 @@ How a run goes:
 
 With ``strict=True`` the first bad row (in file order) stops the conversion with :class:`StrictModeError`, which
 names file, line and column; no ``index.json`` is written.
+
+A conversion that keeps no row, or rejects more than ``max_reject_ratio`` of its rows, raises
+:class:`TooManyRejectsError` (the CLI exits with status 1) after writing ``rejects.jsonl`` and a summary marked
+``failed``, but no ``index.json``: training then stops at once ("no index.json") instead of minutes later on an
+empty or mostly-rejected dataset. The finished shards stay, so re-running with a higher limit reuses them.
 """
 
 from __future__ import annotations
@@ -43,7 +49,17 @@ from biomedgpt.data.parquet_shards import (
     shard_basename,
     write_index,
 )
-from biomedgpt.data.schema import SCHEMA_VERSION, KindSpec, RowError, get_kind, parse_row, parse_selected_cols
+from biomedgpt.data.schema import (
+    DEFAULT_MAX_FIELD_CHARS,
+    DEFAULT_MAX_IMAGE_BYTES,
+    SCHEMA_VERSION,
+    KindSpec,
+    RowError,
+    RowOptions,
+    get_kind,
+    parse_row,
+    parse_selected_cols,
+)
 
 __all__ = [
     "REJECTS_BASENAME",
@@ -52,6 +68,7 @@ __all__ = [
     "ConversionSummary",
     "ShardPlan",
     "StrictModeError",
+    "TooManyRejectsError",
     "convert",
     "plan_shards",
 ]
@@ -61,6 +78,8 @@ SUMMARY_BASENAME = "conversion_summary.json"
 WORK_DIRNAME = "_convert"  # per-shard marks and rejects; kept so that re-runs can skip finished shards
 MANIFEST_BASENAME = "manifest.json"
 RAW_PREVIEW_CHARS = 200
+DEFAULT_MAX_REJECT_RATIO = 0.5
+UTF8_BOM = b"\xef\xbb\xbf"  # what Windows editors (Notepad, Excel's "CSV UTF-8") put before the first line
 _SCAN_CHUNK = 16 << 20
 
 
@@ -68,17 +87,33 @@ class ConversionError(Exception):
     """A problem with the conversion as a whole (bad arguments, unusable output directory)."""
 
 
+def _where(record: dict[str, Any]) -> str:
+    """``file:line: column N (field)`` of a reject record."""
+    where = f"{record['file']}:{record['line']}"
+    if record.get("column") is not None:
+        where += f": column {record['column']}"
+        if record.get("field"):
+            where += f" ({record['field']})"
+    return where
+
+
 class StrictModeError(ConversionError):
     """``strict=True`` and a row was bad; the message names file, line, column and reason."""
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.record = record
-        where = f"{record['file']}:{record['line']}"
-        if record.get("column") is not None:
-            where += f": column {record['column']}"
-            if record.get("field"):
-                where += f" ({record['field']})"
-        super().__init__(f"{where}: {record['reason']}: {record['detail']}")
+        super().__init__(f"{_where(record)}: {record['reason']}: {record['detail']}")
+
+
+class TooManyRejectsError(ConversionError):
+    """No row was kept, or more than ``max_reject_ratio`` were rejected; ``summary`` is the failed run's summary.
+
+    ``rejects.jsonl`` and ``conversion_summary.json`` (with ``failed: true``) are on disk; ``index.json`` is not.
+    """
+
+    def __init__(self, message: str, summary: ConversionSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -110,6 +145,15 @@ class ConversionSummary:
     num_cols: int = 0
     rows_per_shard: int = 0
     row_group_rows: int = 0
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    clip_boxes: bool = False
+    max_reject_ratio: float = DEFAULT_MAX_REJECT_RATIO
+    rows_clipped: int = 0  # kept rows with a box cut to the image (clip_boxes)
+    crlf_lines: int = 0  # lines that ended in \r\n (accepted as line endings)
+    utf8_bom: bool = False  # the file started with a UTF-8 BOM (dropped)
+    failed: bool = False  # no row kept or too many rejected; no index.json was written
+    failure: str = ""  # why, as TooManyRejectsError says it
     elapsed_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -185,6 +229,7 @@ class _Task:
     config_key: str
     strict: bool
     compression_level: int | None
+    options: RowOptions = RowOptions()
 
 
 def _reject_record(task: _Task, kind: KindSpec, line_no: int, line: bytes, err: RowError) -> dict[str, Any]:
@@ -203,14 +248,22 @@ def _reject_record(task: _Task, kind: KindSpec, line_no: int, line: bytes, err: 
     }
 
 
-def _iter_lines(task: _Task) -> Iterator[tuple[int, bytes]]:
+def _iter_lines(task: _Task, stats: Counter[str]) -> Iterator[tuple[int, bytes]]:
+    """The shard's lines without their endings; counts ``\\r\\n`` endings and a leading BOM in ``stats``."""
     plan = task.plan
     with open(task.input, "rb") as f:
         f.seek(plan.start)
         for i in range(plan.num_lines):
             line = f.readline()
-            if line.endswith(b"\n"):
+            if line.endswith(b"\r\n"):
+                # One \r before the \n is a Windows line ending; any other \r stays for parse_row to reject.
+                line = line[:-2]
+                stats["crlf_lines"] += 1
+            elif line.endswith(b"\n"):
                 line = line[:-1]
+            if plan.start == 0 and i == 0 and line.startswith(UTF8_BOM):
+                line = line[len(UTF8_BOM) :]  # only at the very start of the file: elsewhere it is data
+                stats["utf8_bom"] = 1
             yield plan.first_line + i, line
         if f.tell() != plan.end:
             raise ConversionError(f"{task.display_input} changed while being converted (shard {plan.shard_id})")
@@ -227,12 +280,16 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
     shard_path = os.path.join(task.out, shard_basename(plan.shard_id))
     rejects_path = _work_path(task.out, plan.shard_id, ".rejects.jsonl")
     counts: Counter[str] = Counter()
+    stats: Counter[str] = Counter()
     writer = ParquetShardWriter(shard_path, kind.schema, task.row_group_rows, task.compression_level)
     try:
         with open(rejects_path + ".tmp", "w") as rejects:
-            for line_no, line in _iter_lines(task):
+            for line_no, line in _iter_lines(task, stats):
+                notes: list[str] = []
                 try:
-                    row = parse_row(kind, line, task.selected_cols, task.num_cols, line_no)
+                    row = parse_row(
+                        kind, line, task.selected_cols, task.num_cols, line_no, options=task.options, notes=notes
+                    )
                 except RowError as err:
                     record = _reject_record(task, kind, line_no, line, err)
                     if task.strict:
@@ -242,6 +299,7 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
                     rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
                     continue
                 writer.write(row)
+                stats["rows_clipped"] += "box_clipped" in notes
         if writer.samples:
             info = writer.close()
         else:
@@ -260,6 +318,9 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
         "rows_read": plan.num_lines,
         "rows_written": info.samples,
         "rejects": dict(counts),
+        "rows_clipped": stats["rows_clipped"],
+        "crlf_lines": stats["crlf_lines"],
+        "utf8_bom": bool(stats["utf8_bom"]),
         "shard": info.to_json(),
     }
     mark_path = _work_path(task.out, plan.shard_id, ".json")
@@ -281,7 +342,13 @@ def _progress_bar(enabled: bool, **kwargs: Any) -> Any:
 
 
 def _config(
-    input_path: str, kind: KindSpec, cols: Sequence[int | None], num_cols: int, rows_per_shard: int, rg_rows: int
+    input_path: str,
+    kind: KindSpec,
+    cols: Sequence[int | None],
+    num_cols: int,
+    rows_per_shard: int,
+    rg_rows: int,
+    options: RowOptions,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -292,6 +359,10 @@ def _config(
         "num_cols": num_cols,
         "rows_per_shard": rows_per_shard,
         "row_group_rows": rg_rows,
+        # They decide which rows are kept, so a shard converted under other limits must be converted again.
+        "max_field_chars": options.max_field_chars,
+        "max_image_bytes": options.max_image_bytes,
+        "clip_boxes": options.clip_boxes,
     }
 
 
@@ -303,7 +374,9 @@ def _describe(config: dict[str, Any]) -> str:
     return (
         f"{config.get('input')!r} as kind {config.get('kind')!r} (selected_cols={config.get('selected_cols')}, "
         f"num_cols={config.get('num_cols')}, rows_per_shard={config.get('rows_per_shard')}, "
-        f"row_group_rows={config.get('row_group_rows')}, schema_version={config.get('schema_version')})"
+        f"row_group_rows={config.get('row_group_rows')}, max_field_chars={config.get('max_field_chars')}, "
+        f"max_image_bytes={config.get('max_image_bytes')}, clip_boxes={config.get('clip_boxes')}, "
+        f"schema_version={config.get('schema_version')})"
     )
 
 
@@ -396,6 +469,10 @@ def convert(
     overwrite: bool = False,
     progress: bool = False,
     compression_level: int | None = None,
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    clip_boxes: bool = False,
+    max_reject_ratio: float = DEFAULT_MAX_REJECT_RATIO,
 ) -> ConversionSummary:
     """Convert ``input_path`` (a TSV of ``kind``) into Parquet shards, ``index.json`` and reject/summary files.
 
@@ -408,6 +485,18 @@ def convert(
         workers: worker processes (1 = convert in this process).
         strict: stop at the first bad row with :class:`StrictModeError`.
         overwrite: replace an existing conversion in ``out`` made with other options or another input.
+        max_field_chars: longest text field kept, in characters (longer: rejected as ``field_too_long``).
+        max_image_bytes: largest image kept, in decoded bytes (larger: rejected as ``field_too_long``).
+        clip_boxes: clip detection/grounding boxes that reach past the image instead of rejecting the row
+            (``box_outside_image``); a box wholly outside is rejected either way.
+        max_reject_ratio: fail when more than this share of the rows is rejected (1 = never for the share); a
+            conversion that keeps no row always fails.
+
+    Raises:
+        ConversionError: bad arguments or an unusable output directory (nothing converted).
+        StrictModeError: ``strict`` and a bad row.
+        TooManyRejectsError: no row kept, or more than ``max_reject_ratio`` rejected; ``rejects.jsonl`` and the
+            summary (``failed``) are written, ``index.json`` is not. ``error.summary`` is the summary.
     """
     started = time.monotonic()
     if not os.path.exists(input_path):
@@ -428,8 +517,18 @@ def convert(
         raise ConversionError("--rows-per-shard and --row-group-rows must be >= 1")
     if workers < 1:
         raise ConversionError("--workers must be >= 1")
+    options = RowOptions(max_field_chars, max_image_bytes, bool(clip_boxes))
+    try:
+        options.check()
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+    if not (isinstance(max_reject_ratio, (int, float)) and 0.0 <= max_reject_ratio <= 1.0):
+        raise ConversionError(
+            f"max_reject_ratio (--max-reject-ratio) must be between 0 and 1 (1 turns the check off), "
+            f"got {max_reject_ratio!r}"
+        )
 
-    config = _config(input_path, spec, cols, num_cols, rows_per_shard, row_group_rows)
+    config = _config(input_path, spec, cols, num_cols, rows_per_shard, row_group_rows, options)
     config_key = _config_key(config)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConversionError(f"--out {out} exists and is not a directory")
@@ -468,6 +567,7 @@ def convert(
                     config_key,
                     strict,
                     compression_level,
+                    options,
                 )
             )
     reused = len(marks)
@@ -493,10 +593,12 @@ def convert(
         if bar is not None:
             bar.close()
 
-    summary = _finish(out, input_path, spec, config, plans, marks, reused)
+    summary = _finish(out, input_path, spec, config, plans, marks, reused, float(max_reject_ratio))
     summary.elapsed_s = round(time.monotonic() - started, 3)
     with open(os.path.join(out, SUMMARY_BASENAME), "w") as f:
         json.dump(summary.to_json(), f, indent=1)
+    if summary.failed:
+        raise TooManyRejectsError(summary.failure, summary)
     return summary
 
 
@@ -522,8 +624,9 @@ def _finish(
     plans: list[ShardPlan],
     marks: dict[int, dict[str, Any]],
     reused: int,
+    max_reject_ratio: float,
 ) -> ConversionSummary:
-    """Merge per-shard marks and rejects into index.json, rejects.jsonl and the summary."""
+    """Merge per-shard marks and rejects into rejects.jsonl and the summary, and index.json unless it failed."""
     summary = ConversionSummary(
         input=str(input_path),
         kind=spec.name,
@@ -535,6 +638,10 @@ def _finish(
         num_cols=config["num_cols"],
         rows_per_shard=config["rows_per_shard"],
         row_group_rows=config["row_group_rows"],
+        max_field_chars=config["max_field_chars"],
+        max_image_bytes=config["max_image_bytes"],
+        clip_boxes=config["clip_boxes"],
+        max_reject_ratio=max_reject_ratio,
     )
     reasons: Counter[str] = Counter()
     infos: list[ShardInfo] = []
@@ -544,6 +651,9 @@ def _finish(
             mark = marks[plan.shard_id]
             summary.rows_read += mark["rows_read"]
             summary.rows_written += mark["rows_written"]
+            summary.rows_clipped += mark.get("rows_clipped", 0)
+            summary.crlf_lines += mark.get("crlf_lines", 0)
+            summary.utf8_bom = summary.utf8_bom or bool(mark.get("utf8_bom"))
             reasons.update(mark["rejects"])
             if mark["shard"]["samples"]:
                 infos.append(ShardInfo.from_json(mark["shard"]))
@@ -558,12 +668,70 @@ def _finish(
             f"internal error: {summary.rows_read} rows read but {summary.rows_written} written "
             f"+ {summary.rows_rejected} rejected"
         )
+    summary.failure = _failure(summary, max_reject_ratio)
+    if summary.failure:
+        summary.failed = True
+        return summary
     meta = {
         "config": config,
         "rows_read": summary.rows_read,
         "rows_written": summary.rows_written,
         "rows_rejected": summary.rows_rejected,
+        "rows_clipped": summary.rows_clipped,
         "columns": {f.name: str(f.type) for f in spec.schema},
     }
     write_index(out, infos, meta)
     return summary
+
+
+def _failure(summary: ConversionSummary, max_reject_ratio: float) -> str:
+    """Why this conversion must not be trained on (no row kept, too many rejected), or ``""``."""
+    read, rejected = summary.rows_read, summary.rows_rejected
+    what = f"{summary.input} as kind {summary.kind!r}"
+    if read == 0:
+        return f"{what}: no rows kept: the input has no lines. Nothing was written for training (no index.json)."
+    if summary.rows_written == 0:
+        problem = f"no rows kept: all {read} rows rejected"
+    elif rejected / read > max_reject_ratio:
+        problem = (
+            f"{rejected} of {read} rows rejected ({100 * rejected / read:.0f}%), "
+            f"over --max-reject-ratio {max_reject_ratio:g}"
+        )
+    else:
+        return ""
+    top = sorted(summary.rejects_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    examples = _first_rejects(os.path.join(summary.out, REJECTS_BASENAME), {reason for reason, _ in top})
+    lines = [f"{what}: {problem}. Most frequent reasons:"]
+    width = max(len(reason) for reason, _ in top)
+    for reason, count in top:
+        example = examples.get(reason)
+        lines.append(
+            f"  {reason:<{width}}  {count}"
+            + (f"  e.g. {_where(example)}: {example['detail']}" if example is not None else "")
+        )
+    hint = (
+        "; check --kind, --selected-cols and --num-cols against the file's columns"
+        if top[0][0] == "wrong_column_count"
+        else ""
+    )
+    remedy = "fix the input and re-run" + (
+        "" if summary.rows_written == 0 else ", or raise --max-reject-ratio (1 = any share) to keep the valid rows"
+    )
+    lines.append(
+        f"Every rejected line is in {os.path.join(summary.out, REJECTS_BASENAME)}{hint}. "
+        f"No index.json was written; {remedy}."
+    )
+    return "\n".join(lines)
+
+
+def _first_rejects(path: str, reasons: set[str]) -> dict[str, dict[str, Any]]:
+    """The first reject record of each of ``reasons`` in the merged rejects file (read only as far as needed)."""
+    found: dict[str, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record["reason"] in reasons and record["reason"] not in found:
+                found[record["reason"]] = record
+                if len(found) == len(reasons):
+                    break
+    return found

@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 __all__ = [
+    "DEFAULT_MAX_FIELD_CHARS",
+    "DEFAULT_MAX_IMAGE_BYTES",
     "KINDS",
     "REJECT_REASONS",
     "SCHEMA_VERSION",
     "FieldSpec",
+    "ImageInfo",
     "KindSpec",
     "RowError",
+    "RowOptions",
     "decode_base64",
     "get_kind",
     "parse_answers",
@@ -43,6 +46,7 @@ __all__ = [
     "parse_detection_label",
     "parse_row",
     "parse_selected_cols",
+    "fit_box",
     "verify_image",
 ]
 
@@ -56,19 +60,56 @@ VL_TYPES = ("caption", "qa", "visual_grounding")
 # Every way a row can be rejected. The converter counts rows by these names; keep them stable.
 REJECT_REASONS: tuple[str, ...] = (
     "blank_line",  # an empty line (OFA would crash on it)
-    "carriage_return",  # CRLF line ending or a stray \r inside a field (breaks OFA's byte offsets, spec 4.1)
+    # A \r inside a field, or more than one before the \n (a single \r\n is a line ending and is accepted).
+    "carriage_return",
     "bad_encoding",  # not valid UTF-8
+    "nul_byte",  # a NUL character in a field: never real text, and the tokenizer would keep it
     "wrong_column_count",  # also how a stray tab inside a field shows up
+    # Over RowOptions.max_field_chars (text) or max_image_bytes (decoded image): every epoch would pay for it.
+    "field_too_long",
     "empty_required_field",
     "bad_base64",
-    "undecodable_image",
+    "undecodable_image",  # the decoder training uses (biomedgpt.data.images.decode_image) cannot read it
     "malformed_answer",  # refs not `conf|!+answer[&&...]` or conf not a finite float >= 0
     "malformed_box",  # not 4 numbers, negative, or x0>=x1 / y0>=y1
     "malformed_codes",  # not 256 ints in [0, 8191]
     "malformed_detection_label",  # a detection entry without `x0,y0,x1,y1,cat_id,cat_name`
     "bad_label",  # nli label not 0/1/2, classification label_index not a non-negative int
     "bad_type",  # vision_language `type` not one of caption / qa / visual_grounding
+    # A detection or grounding box reaching past the image (or, with clip_boxes, wholly outside it): training's crops
+    # clip boxes to the image and drop those left empty, which would leave a row with an empty or wrong target.
+    "box_outside_image",
 )
+
+DEFAULT_MAX_FIELD_CHARS = 1 << 20  # 1 Mi characters: far above any real caption/report, yet cheap to tokenize
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # 64 MiB of encoded image (a large uncompressed DICOM slice is ~0.5-32 MiB)
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """Per-row limits and box handling of :func:`parse_row` (``biomedgpt-convert --max-field-chars`` etc.)."""
+
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS  # characters of any non-image field
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # bytes of a decoded (base64) image field
+    clip_boxes: bool = False  # clip boxes reaching past the image instead of rejecting the row
+
+    def check(self) -> None:
+        """Raise ValueError naming the option that is out of range."""
+        for name in ("max_field_chars", "max_image_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+_DEFAULT_OPTIONS = RowOptions()
+
+
+class ImageInfo(NamedTuple):
+    """What :func:`verify_image` learnt from decoding an image: its format and size in pixels."""
+
+    format: str
+    width: int
+    height: int
 
 
 class RowError(ValueError):
@@ -300,21 +341,42 @@ def decode_base64(text: str) -> bytes:
 _URLSAFE_TO_STD = str.maketrans("-_", "+/")
 
 
-def verify_image(data: bytes) -> str:
-    """Fully decode ``data`` with PIL (``verify`` alone misses truncated JPEG scans); return the format name."""
-    from PIL import Image  # PIL import is cheap but only needed for kinds with images
+def verify_image(data: bytes, source: str = "<bytes>") -> ImageInfo:
+    """Fully decode ``data`` with the decoder training uses and return its format and size.
+
+    Going through :func:`biomedgpt.data.images.decode_image` (PIL formats and DICOM) makes conversion accept exactly
+    what training can read; decoding every pixel also catches truncated JPEG scans that PIL's ``verify`` misses.
+    A decompression-bomb warning counts as an error, so one row cannot make every epoch allocate gigabytes.
+    """
+    # Imported here: the images module pulls in torch, which kinds without images never need.
+    from PIL import Image
+
+    from biomedgpt.data.images import decode_image, is_dicom
 
     if not data:
         raise RowError("undecodable_image", "image decodes to 0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format or "unknown"
-                im.load()
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb warnings...)
-        raise RowError("undecodable_image", f"PIL cannot decode the image: {type(exc).__name__}: {exc}") from None
-    return fmt
+            image = decode_image(data, source)
+    except Exception as exc:  # ValueError from the decoder; also whatever a damaged file makes PIL/pydicom raise
+        raise RowError("undecodable_image", f"cannot decode the image: {type(exc).__name__}: {exc}") from None
+    fmt = "DICOM" if is_dicom(data) else image.format or _image_format(data)
+    width, height = image.size
+    return ImageInfo(fmt, width, height)
+
+
+def _image_format(data: bytes) -> str:
+    """The format name from the header only (decode_image's RGB copy of a non-RGB image has lost it)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format or "unknown"
+    except Exception:  # it decoded a moment ago; any failure here only costs the name
+        return "unknown"
 
 
 def _finite_float(text: str) -> float:
@@ -380,6 +442,30 @@ def parse_detection_label(text: str) -> list[dict[str, Any]]:
     return boxes
 
 
+def _fmt_box(box: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in box)
+
+
+def fit_box(box: Sequence[float], width: int, height: int, clip: bool = False, what: str = "box") -> list[float] | None:
+    """Check a parsed ``x0,y0,x1,y1`` box against a ``width`` x ``height`` image.
+
+    Coordinates are pixel edges, so ``x1 == width`` touches the border and is inside. Returns ``None`` when the box
+    lies inside; with ``clip`` a box reaching past the right/bottom edge comes back cut to the image. Raises
+    ``box_outside_image`` otherwise, and (with ``clip``) when nothing of the box is left: training's crops
+    (biomedgpt/data/transforms.py ``_crop_target``) clip to the image the same way and drop such empty boxes.
+    """
+    x0, y0, x1, y1 = box
+    if x1 <= width and y1 <= height:
+        return None
+    where = f"{what} {_fmt_box(box)} reaches past the {width}x{height} image (width x height)"
+    if not clip:
+        raise RowError("box_outside_image", f"{where}; fix the box, or clip such boxes (--clip-boxes)")
+    clipped = [x0, y0, min(x1, float(width)), min(y1, float(height))]
+    if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:
+        raise RowError("box_outside_image", f"{where}: it lies wholly outside, nothing is left after clipping")
+    return clipped
+
+
 def parse_codes(text: str) -> list[int]:
     """256 space-separated VQ-GAN ids in ``[0, 8191]``."""
     parts = text.split()
@@ -406,19 +492,29 @@ def parse_row(
     selected_cols: Sequence[int | None],
     num_cols: int,
     source_line: int,
+    *,
+    options: RowOptions | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Validate one TSV line (without its ``\\n``) and return its Parquet column values.
+    """Validate one TSV line (without its line ending, ``\\n`` or ``\\r\\n``) and return its Parquet column values.
 
-    Raises :class:`RowError` on the first problem found, checking whole-line problems (blank, ``\\r``, encoding,
-    column count) before fields in layout order.
+    Raises :class:`RowError` on the first problem found, checking whole-line problems (blank, ``\\r``, column
+    count) before fields (encoding, NUL, length) in layout order, and boxes against the image size last.
+    ``options`` sets the field-length limits and box clipping; when a box is clipped, ``"box_clipped"`` is appended
+    to ``notes`` (if given) so the caller can count such rows.
     """
+    opts = options or _DEFAULT_OPTIONS
     if not line.strip():
         raise RowError("blank_line", "the line is empty")
     columns = line.split(b"\t")
     if b"\r" in line:
         col = next(i for i, c in enumerate(columns) if b"\r" in c)
-        where = "at the end of the line (CRLF line ending)" if line.endswith(b"\r") else "inside a field"
-        raise RowError("carriage_return", f"carriage return {where}", tsv_column=col)
+        where = (
+            "at the end of the line (only one \\r before the \\n is a line ending)"
+            if line.endswith(b"\r")
+            else "inside a field (a file with \\r-only line endings shows up this way)"
+        )
+        raise RowError("carriage_return", f"carriage return {where}", _field_of(col, selected_cols), col)
     if len(columns) != num_cols:
         raise RowError(
             "wrong_column_count",
@@ -430,12 +526,28 @@ def parse_row(
         if col is None:
             texts.append("")
             continue
+        raw = columns[col]
+        is_image = kind.fields[fi].parser == "image"
+        # Base64 of n bytes is at least 4*(n-2)/3 characters: a longer field cannot decode within the limit.
+        if is_image and (len(raw.strip()) // 4) * 3 - 2 > opts.max_image_bytes:
+            raise RowError("field_too_long", _too_long_image(len(raw.strip()) // 4 * 3, opts, approx=True), fi, col)
         try:
-            texts.append(columns[col].decode("utf-8"))
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise RowError("bad_encoding", f"not valid UTF-8 ({exc.reason} at byte {exc.start})", fi, col) from None
+        if "\x00" in text:
+            raise RowError("nul_byte", f"NUL character at position {text.index(chr(0))} of the field", fi, col)
+        if not is_image and len(text) > opts.max_field_chars:
+            raise RowError(
+                "field_too_long",
+                f"{len(text)} characters, over the limit of {opts.max_field_chars} (--max-field-chars)",
+                fi,
+                col,
+            )
+        texts.append(text)
 
     out: dict[str, Any] = {}
+    sizes: list[tuple[int, int]] = []  # (width, height) of the row's image
     values = dict(zip(kind.field_names, texts))
     for fi, (spec, text) in enumerate(zip(kind.fields, texts)):
         col = selected_cols[fi]
@@ -445,21 +557,82 @@ def parse_row(
         if required and not text.strip():
             raise RowError("empty_required_field", f"field {spec.name!r} is empty", fi, col)
         try:
-            _parse_field(kind, spec, text, values, out)
+            _parse_field(kind, spec, text, values, out, opts, f"line {source_line}", sizes)
         except RowError as err:
             err.field_index, err.tsv_column = fi, col
             raise
+    if sizes:
+        _check_boxes(kind, out, selected_cols, sizes[0], opts, notes)
     out["source_line"] = source_line
     return out
 
 
-def _parse_field(kind: KindSpec, spec: FieldSpec, text: str, values: dict[str, str], out: dict[str, Any]) -> None:
+def _field_of(tsv_column: int, selected_cols: Sequence[int | None]) -> int | None:
+    """The layout field a TSV column feeds (``None`` for a column the kind does not use)."""
+    return selected_cols.index(tsv_column) if tsv_column in selected_cols else None
+
+
+def _too_long_image(size: int, opts: RowOptions, approx: bool = False) -> str:
+    return (
+        f"image of {'about ' if approx else ''}{size} bytes, over the limit of {opts.max_image_bytes} "
+        "(--max-image-bytes)"
+    )
+
+
+def _check_boxes(
+    kind: KindSpec,
+    out: dict[str, Any],
+    selected_cols: Sequence[int | None],
+    size: tuple[int, int],
+    opts: RowOptions,
+    notes: list[str] | None,
+) -> None:
+    """Boxes against the image they belong to (detection ``boxes``, a visual_grounding row's ``box``)."""
+    width, height = size
+    clipped = False
+    try:
+        if out.get("boxes"):
+            field_name = "label"
+            for k, box in enumerate(out["boxes"]):
+                coords = (box["x0"], box["y0"], box["x1"], box["y1"])
+                fitted = fit_box(coords, width, height, opts.clip_boxes, what=f"entry {k} box")
+                if fitted is not None:
+                    box["x1"], box["y1"] = fitted[2], fitted[3]
+                    clipped = True
+        elif out.get("box") is not None:
+            field_name = "refs"
+            fitted = fit_box(out["box"], width, height, opts.clip_boxes, what="region box")
+            if fitted is not None:
+                out["box"], clipped = fitted, True
+        else:
+            return
+    except RowError as err:
+        err.field_index = kind.field_names.index(field_name)
+        err.tsv_column = selected_cols[err.field_index]
+        raise
+    if clipped and notes is not None:
+        notes.append("box_clipped")
+
+
+def _parse_field(
+    kind: KindSpec,
+    spec: FieldSpec,
+    text: str,
+    values: dict[str, str],
+    out: dict[str, Any],
+    opts: RowOptions,
+    source: str,
+    sizes: list[tuple[int, int]],
+) -> None:
     p = spec.parser
     if p == "text":
         out[spec.name] = text
     elif p == "image":
         data = decode_base64(text.strip())
-        verify_image(data)
+        if len(data) > opts.max_image_bytes:
+            raise RowError("field_too_long", _too_long_image(len(data), opts))
+        info = verify_image(data, source)
+        sizes.append((info.width, info.height))  # for the box checks once every field is parsed
         out[spec.name] = data
     elif p == "codes":
         out[spec.name] = parse_codes(text)

@@ -35,13 +35,14 @@ def good_row(kind: str, i: int) -> list[str]:
             return [f"vl{i}", img, f"a chest x-ray number {i}", "", "", "lung&&heart", "medicat", "caption"]
         if t == "qa":
             return [f"vl{i}", img, "", f"is there a fracture {i}?", "1.0|!+yes&&0.5|!+no", "", "pathvqa", "qa"]
-        return [f"vl{i}", img, f"the left lung {i}", "", "1,2,30.5,40", "", "vg", "visual_grounding"]
+        # Boxes lie inside the 8x8 image (the converter rejects boxes past the image).
+        return [f"vl{i}", img, f"the left lung {i}", "", "1,2,6.5,8", "", "vg", "visual_grounding"]
     if kind == "text":
         return [f"t{i}", f"sentence number {i} about the liver."]
     if kind == "image":
         return [f"im{i}", img, CODES]
     if kind == "detection":
-        return [f"d{i}", img, "1,2,10,12,3,liver&&0,0,5.5,6,1,bone, left"]
+        return [f"d{i}", img, "1,2,7,8,3,liver&&0,0,5.5,6,1,bone, left"]
     if kind == "vqa":
         return [f"q{i}", f"img{i}", f"what organ {i}?", "1|!+liver", "abdomen", img]
     if kind == "caption":

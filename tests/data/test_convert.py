@@ -15,7 +15,7 @@ import pytest
 
 from biomedgpt.cli.convert import main as cli_main
 from biomedgpt.data import convert as convert_mod
-from biomedgpt.data.convert import ConversionError, StrictModeError, convert, plan_shards
+from biomedgpt.data.convert import ConversionError, StrictModeError, TooManyRejectsError, convert, plan_shards
 from biomedgpt.data.schema import KINDS
 
 
@@ -123,8 +123,9 @@ def _corrupted_vqa(tsvkit: Any) -> tuple[list[Any], dict[int, tuple[str, int | N
     expected[2] = ("wrong_column_count", None)
     mutate(3, 2, "what\tis this?")  # a stray tab inside the question
     expected[4] = ("wrong_column_count", None)
-    rows[5] = "\t".join(rows[5]).encode() + b"\r"  # CRLF line ending
+    rows[5] = "\t".join(rows[5]).encode() + b"\r\r"  # \r\r\n: one \r more than a CRLF line ending
     expected[6] = ("carriage_return", 6)
+    rows[6] = "\t".join(rows[6]).encode() + b"\r"  # no longer a reject: line 7 ends in CRLF
     mutate(7, 2, "what\ris this?")  # stray \r
     expected[8] = ("carriage_return", 3)
     mutate(9, 5, rows[9][5][:-7] + "!!!")  # bad base64
@@ -335,3 +336,157 @@ def test_console_script_end_to_end(tmp_path: Path, write_tsv: Any, tsvkit: Any) 
     assert "6 rows read, 5 written, 1 rejected" in proc.stdout
     assert "malformed_detection_label  1" in proc.stdout
     assert len(_read_rows(out)) == 5
+
+
+# ---------------------------------------------------------------------------------------- rows that spoil training
+
+
+def test_dicom_in_an_image_column_is_kept_as_raw_bytes(tmp_path: Path, write_tsv: Any, tsvkit: Any) -> None:
+    import pydicom.data
+
+    dicom = Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes()
+    rows = [tsvkit.good_row("vqa", 0), tsvkit.good_row("vqa", 1)]
+    rows[1][5] = tsvkit.b64(dicom)
+    caption = [tsvkit.good_row("caption", 0)[:4] + [tsvkit.b64(dicom, urlsafe=True)]]
+    summary = convert(str(write_tsv(rows)), "vqa", str(tmp_path / "vqa"))
+    assert (summary.rows_written, summary.rows_rejected) == (2, 0)
+    assert _read_rows(tmp_path / "vqa")[1]["image"] == dicom
+    convert(str(write_tsv(caption, name="cap.tsv")), "caption", str(tmp_path / "cap"))
+    assert _read_rows(tmp_path / "cap")[0]["image"] == dicom
+
+
+def test_boxes_outside_the_image_are_rejected_or_clipped(
+    tmp_path: Path, write_tsv: Any, tsvkit: Any, capsys: Any
+) -> None:
+    rows: list[Any] = [tsvkit.good_row("detection", i) for i in range(4)]
+    rows[1] = [*rows[1][:2], "1,1,8,8,1,liver&&4,4,9,6,2,bone"]  # 8x8 image: the second box sticks out
+    rows[2] = [*rows[2][:2], "8,0,12,4,1,liver"]  # wholly outside
+    tsv = write_tsv(rows)
+    summary = convert(str(tsv), "detection", str(tmp_path / "strict"))
+    assert summary.rejects_by_reason == {"box_outside_image": 2} and summary.rows_clipped == 0
+    first = _rejects(tmp_path / "strict")[0]
+    assert (first["line"], first["column"], first["field"]) == (2, 3, "label")
+    assert "4,4,9,6" in first["detail"] and "8x8" in first["detail"]
+
+    code = cli_main([str(tsv), "--kind", "detection", "--out", str(tmp_path / "clip"), "--clip-boxes", "--no-progress"])
+    assert code == 0 and "1 row with boxes clipped" in capsys.readouterr().out
+    summary_json = json.loads((tmp_path / "clip" / "conversion_summary.json").read_text())
+    assert summary_json["rows_clipped"] == 1 and summary_json["rejects_by_reason"] == {"box_outside_image": 1}
+    kept = {r["source_line"]: r for r in _read_rows(tmp_path / "clip")}
+    assert sorted(kept) == [1, 2, 4]
+    assert [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in kept[2]["boxes"]] == [(1, 1, 8, 8), (4, 4, 8, 6)]
+
+
+def test_utf8_bom_is_stripped_only_at_the_start(tmp_path: Path, write_tsv: Any, tsvkit: Any) -> None:
+    rows = [tsvkit.good_row("text", i) for i in range(3)]
+    tsv = tmp_path / "bom.tsv"
+    data = tsvkit.tsv_bytes(rows)
+    tsv.write_bytes(b"\xef\xbb\xbf" + data.replace(b"\nt2\t", b"\n\xef\xbb\xbft2\t"))
+    summary = convert(str(tsv), "text", str(tmp_path / "out"), rows_per_shard=2)
+    assert summary.utf8_bom and summary.rows_written == 3
+    assert [r["uniq_id"] for r in _read_rows(tmp_path / "out")] == ["t0", "t1", "\ufefft2"]
+    plain = write_tsv(rows, name="plain.tsv")
+    assert not convert(str(plain), "text", str(tmp_path / "plain")).utf8_bom
+
+
+def test_nul_bytes_and_overlong_fields_are_rejected(tmp_path: Path, write_tsv: Any, tsvkit: Any, capsys: Any) -> None:
+    rows: list[Any] = [tsvkit.good_row("caption", i) for i in range(6)]
+    rows[1][2] = "a caption\x00 with a NUL"
+    rows[2][2] = "x" * 101
+    rows[3][4] = tsvkit.b64(tsvkit.image_bytes(3, size=64, fmt="JPEG"))  # ~10x the bytes of the others
+    tsv = write_tsv(rows)
+    limit = len(tsvkit.image_bytes(0)) * 3
+    out = tmp_path / "out"
+    argv = [str(tsv), "--kind", "caption", "--out", str(out), "--no-progress"]
+    assert cli_main([*argv, "--max-field-chars", "100", "--max-image-bytes", str(limit)]) == 0
+    by_line = {r["line"]: r for r in _rejects(out)}
+    assert {line: r["reason"] for line, r in by_line.items()} == {
+        2: "nul_byte",
+        3: "field_too_long",
+        4: "field_too_long",
+    }
+    assert by_line[3]["field"] == "caption" and "100" in by_line[3]["detail"]
+    assert by_line[4]["field"] == "image" and str(limit) in by_line[4]["detail"]
+    assert "field_too_long  2" in capsys.readouterr().out
+    # The defaults are generous: the same file keeps everything but the NUL row.
+    assert convert(str(tsv), "caption", str(tmp_path / "defaults")).rejects_by_reason == {"nul_byte": 1}
+    with pytest.raises(ConversionError, match="max_field_chars"):
+        convert(str(tsv), "caption", str(tmp_path / "bad"), max_field_chars=0)
+
+
+def test_crlf_line_endings_are_accepted_and_resume(tmp_path: Path, write_tsv: Any, tsvkit: Any) -> None:
+    rows: list[Any] = [tsvkit.good_row("vqa", i) for i in range(7)]
+    rows[4][2] = "what\ris this?"  # a \r inside a field is still bad
+    lf = write_tsv(rows, name="lf.tsv")
+    crlf = tmp_path / "crlf.tsv"
+    crlf.write_bytes(lf.read_bytes().replace(b"\n", b"\r\n"))
+    summary = convert(str(crlf), "vqa", str(tmp_path / "crlf"), rows_per_shard=3)
+    assert (summary.rows_written, summary.rejects_by_reason, summary.crlf_lines) == (6, {"carriage_return": 1}, 7)
+    (reject,) = _rejects(tmp_path / "crlf")
+    assert (reject["line"], reject["column"], reject["field"]) == (5, 3, "question")
+    convert(str(lf), "vqa", str(tmp_path / "lf"), rows_per_shard=3)
+    assert _read_rows(tmp_path / "crlf") == _read_rows(tmp_path / "lf")
+    # Resume: nothing changed, every shard is reused; a \r\r\n ending leaves a stray \r, which is rejected.
+    assert convert(str(crlf), "vqa", str(tmp_path / "crlf"), rows_per_shard=3).shards_reused == 3
+    crlf.write_bytes(crlf.read_bytes().replace(b"\r\n", b"\r\r\n", 1))
+    again = convert(str(crlf), "vqa", str(tmp_path / "crlf"), rows_per_shard=3)
+    assert (again.shards_reused, again.rejects_by_reason) == (2, {"carriage_return": 2})
+    # The last line may end without a newline.
+    crlf.write_bytes(crlf.read_bytes()[:-2])
+    assert convert(str(crlf), "vqa", str(tmp_path / "crlf"), rows_per_shard=3).rows_written == 5
+
+
+# ------------------------------------------------------------------------------------------------ failing conversions
+
+
+def test_no_kept_row_fails_with_exit_status_1(tmp_path: Path, write_tsv: Any, tsvkit: Any, capsys: Any) -> None:
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    code = cli_main([str(empty), "--kind", "text", "--out", str(tmp_path / "empty"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and str(empty) in err and "'text'" in err and "no rows" in err
+
+    # Wrong --kind: every text row has 2 columns, vqa needs 6.
+    tsv = write_tsv([tsvkit.good_row("text", i) for i in range(4)])
+    out = tmp_path / "wrong"
+    code = cli_main([str(tsv), "--kind", "vqa", "--out", str(out), "--no-progress", "--max-reject-ratio", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert str(tsv) in err and "'vqa'" in err and "wrong_column_count" in err and f"{tsv}:1" in err
+    assert str(out / "rejects.jsonl") in err
+    # The evidence stays; no index that training would pick up.
+    assert len(_rejects(out)) == 4 and not (out / "index.json").exists()
+    saved = json.loads((out / "conversion_summary.json").read_text())
+    assert saved["failed"] and "wrong_column_count" in saved["failure"]
+
+    with pytest.raises(TooManyRejectsError) as info:
+        convert(str(tsv), "vqa", str(out), max_reject_ratio=1.0)
+    assert isinstance(info.value, ConversionError)
+    assert info.value.summary.failed and info.value.summary.rows_written == 0
+    assert info.value.summary.rows_rejected == 4
+
+
+def test_max_reject_ratio(tmp_path: Path, write_tsv: Any, tsvkit: Any, capsys: Any) -> None:
+    rows: list[Any] = [tsvkit.good_row("nli", i) for i in range(5)]
+    for i in (0, 2, 4):
+        rows[i][2] = "maybe"
+    tsv = write_tsv(rows)
+    out = tmp_path / "out"
+    argv = [str(tsv), "--kind", "nli", "--out", str(out), "--no-progress"]
+    assert cli_main(argv) == 1  # 3 of 5 rejected > 0.5
+    captured = capsys.readouterr()
+    assert "3 of 5 rows rejected (60%)" in captured.err and "--max-reject-ratio 0.5" in captured.err
+    assert f"{tsv}:1" in captured.err and "bad_label" in captured.err
+    assert "FAILED" in captured.out
+    assert not (out / "index.json").exists() and len(_rejects(out)) == 3
+    with pytest.raises(TooManyRejectsError):
+        convert(str(tsv), "nli", str(out))
+    # A looser limit accepts the same conversion, reusing the finished shards.
+    summary = convert(str(tsv), "nli", str(out), max_reject_ratio=0.6)
+    assert not summary.failed and summary.rows_written == 2 and summary.shards_reused == 1
+    assert (out / "index.json").exists() and [r["source_line"] for r in _read_rows(out)] == [2, 4]
+    assert cli_main([*argv, "--max-reject-ratio", "1"]) == 0
+    assert not json.loads((out / "conversion_summary.json").read_text())["failed"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*argv, "--max-reject-ratio", "1.5"])
+    assert exit_info.value.code == 2 and "--max-reject-ratio" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 from typing import Any
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ from biomedgpt.data.schema import (
     KINDS,
     REJECT_REASONS,
     RowError,
+    RowOptions,
     decode_base64,
     get_kind,
     parse_answers,
@@ -100,8 +102,9 @@ def test_base64_accepts_both_alphabets_and_rejects_garbage() -> None:
 
 
 def test_verify_image(tsvkit: Any) -> None:
-    assert verify_image(tsvkit.image_bytes(3)) == "PNG"
-    assert verify_image(tsvkit.image_bytes(3, size=32, fmt="JPEG")) == "JPEG"
+    assert verify_image(tsvkit.image_bytes(3)) == ("PNG", 8, 8)
+    assert verify_image(tsvkit.image_bytes(3, size=32, fmt="JPEG")) == ("JPEG", 32, 32)
+    assert verify_image(tsvkit.image_bytes(3, size=16, fmt="GIF")).format == "GIF"  # palette: an RGB copy decoded
     for bad in (b"", b"not an image at all", tsvkit.image_bytes(3, size=64, fmt="JPEG")[:300]):
         with pytest.raises(RowError) as info:
             verify_image(bad)
@@ -162,7 +165,7 @@ def test_vision_language_refs_depend_on_type(tsvkit: Any) -> None:
     cap, qa, vg = (_row("vision_language", tsvkit.good_row("vision_language", i)) for i in range(3))
     assert cap["answers"] == [] and cap["box"] is None and cap["gt_objects"] == "lung&&heart"
     assert qa["answers"] == ["yes", "no"] and qa["answer_confs"] == [1.0, 0.5] and qa["refs"] == "1.0|!+yes&&0.5|!+no"
-    assert vg["box"] == [1.0, 2.0, 30.5, 40.0] and vg["answers"] == []
+    assert vg["box"] == [1.0, 2.0, 6.5, 8.0] and vg["answers"] == []
     # Required fields depend on the type.
     bad_qa = tsvkit.good_row("vision_language", 1)
     bad_qa[4] = ""
@@ -238,3 +241,110 @@ def test_optional_fields_may_be_empty(tsvkit: Any) -> None:
     n = tsvkit.good_row("nli", 2)
     n[3] = ""
     assert _row("nli", n)["label"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ what training reads
+
+
+def _dicom_bytes() -> bytes:
+    import pydicom.data
+
+    with open(pydicom.data.get_testdata_file("CT_small.dcm"), "rb") as f:
+        return f.read()
+
+
+def test_verify_image_reads_dicom_and_reports_the_size(tsvkit: Any) -> None:
+    import pydicom
+
+    data = _dicom_bytes()
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    info = verify_image(data)
+    assert (info.format, info.width, info.height) == ("DICOM", dataset.Columns, dataset.Rows)
+    png = verify_image(tsvkit.image_bytes(3, size=12))
+    assert (png.format, png.width, png.height) == ("PNG", 12, 12)
+    # A DICOM whose pixel data is cut off is rejected like any undecodable image.
+    with pytest.raises(RowError) as info_err:
+        verify_image(data[: len(data) // 2])
+    assert info_err.value.reason == "undecodable_image"
+
+
+def test_dicom_row_parses(tsvkit: Any) -> None:
+    data = _dicom_bytes()
+    row = _row("caption", ["c1", "", "a ct slice", "", base64.b64encode(data).decode()])
+    assert row["image"] == data
+
+
+def test_nul_byte_is_rejected_with_its_column(tsvkit: Any) -> None:
+    fields = tsvkit.good_row("caption", 1)
+    fields[2] = "a\x00caption"
+    err = _reject("caption", fields)
+    assert (err.reason, err.tsv_column) == ("nul_byte", 2)
+
+
+def test_field_length_bounds(tsvkit: Any) -> None:
+    spec = get_kind("caption")
+    fields = tsvkit.good_row("caption", 1)
+    image = tsvkit.image_bytes(1)
+    fields[2] = "é" * 10  # 10 characters, 20 bytes: the bound counts characters
+    line = "\t".join(fields).encode()
+    cols = spec.default_selected_cols
+    assert parse_row(spec, line, cols, 5, 1, options=RowOptions(max_field_chars=10))["caption"] == fields[2]
+    with pytest.raises(RowError) as info:
+        parse_row(spec, line, cols, 5, 1, options=RowOptions(max_field_chars=9))
+    assert info.value.reason == "field_too_long" and info.value.tsv_column == 2 and "9" in info.value.detail
+    # Images have their own bound, on the decoded bytes.
+    assert parse_row(spec, line, cols, 5, 1, options=RowOptions(max_image_bytes=len(image)))["image"] == image
+    with pytest.raises(RowError) as info:
+        parse_row(spec, line, cols, 5, 1, options=RowOptions(max_image_bytes=len(image) - 1))
+    assert info.value.reason == "field_too_long" and info.value.tsv_column == 4
+    with pytest.raises(RowError) as info:  # far too long: refused before decoding the base64
+        parse_row(spec, line, cols, 5, 1, options=RowOptions(max_image_bytes=len(image) // 2))
+    assert info.value.reason == "field_too_long" and info.value.tsv_column == 4 and "about" in info.value.detail
+
+
+def _detection(tsvkit: Any, label: str) -> list[str]:
+    return ["d1", tsvkit.b64(tsvkit.image_bytes(1, size=8)), label]
+
+
+def test_detection_boxes_must_lie_inside_the_image(tsvkit: Any) -> None:
+    # 8x8 image: a box that ends exactly on the border is inside (x1/y1 are exclusive pixel edges).
+    row = _row("detection", _detection(tsvkit, "0,0,8,8,1,liver&&2,2,4,4,2,bone"))
+    assert [b["x1"] for b in row["boxes"]] == [8.0, 4.0]
+    for label, what in (("0,0,8.5,8,1,liver", "8.5"), ("2,2,4,4,2,bone&&1,1,7,9,1,liver", "entry 1")):
+        err = _reject("detection", _detection(tsvkit, label))
+        assert err.reason == "box_outside_image" and err.tsv_column == 2
+        assert what in err.detail and "8x8" in err.detail
+
+
+def test_clip_boxes_option_clips_and_notes_the_row(tsvkit: Any) -> None:
+    spec = get_kind("detection")
+    cols = spec.default_selected_cols
+    line = "\t".join(_detection(tsvkit, "1,2,20,6,1,liver&&0,0,3,3,2,bone")).encode()
+    notes: list[str] = []
+    row = parse_row(spec, line, cols, 3, 1, options=RowOptions(clip_boxes=True), notes=notes)
+    assert [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in row["boxes"]] == [(1, 2, 8, 6), (0, 0, 3, 3)]
+    assert row["label"] == "1,2,20,6,1,liver&&0,0,3,3,2,bone"  # the text is kept verbatim
+    assert notes == ["box_clipped"]
+    # Nothing of the box is inside the image: rejected even when clipping.
+    for label in ("8,0,12,4,1,liver", "0,9,4,12,1,liver"):
+        outside = "\t".join(_detection(tsvkit, label)).encode()
+        with pytest.raises(RowError) as info:
+            parse_row(spec, outside, cols, 3, 1, options=RowOptions(clip_boxes=True))
+        assert info.value.reason == "box_outside_image" and "outside" in info.value.detail
+
+
+def test_visual_grounding_region_must_lie_inside_the_image(tsvkit: Any) -> None:
+    vg = tsvkit.good_row("vision_language", 2)
+    vg[4] = "1,2,8,8"
+    assert _row("vision_language", vg)["box"] == [1.0, 2.0, 8.0, 8.0]
+    vg[4] = "1,2,8,8.25"
+    err = _reject("vision_language", vg)
+    assert (err.reason, err.tsv_column) == ("box_outside_image", 4) and "8x8" in err.detail
+    spec = get_kind("vision_language")
+    notes: list[str] = []
+    row = parse_row(
+        spec, "\t".join(vg).encode(), spec.default_selected_cols, 8, 1, options=RowOptions(clip_boxes=True), notes=notes
+    )
+    assert row["box"] == [1.0, 2.0, 8.0, 8.0] and notes == ["box_clipped"]
+    # Caption and qa rows carry no box, so the image size does not matter to them.
+    assert _row("vision_language", tsvkit.good_row("vision_language", 1))["answers"] == ["yes", "no"]
