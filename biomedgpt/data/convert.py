@@ -32,6 +32,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -60,6 +61,7 @@ from biomedgpt.data.schema import (
     parse_row,
     parse_selected_cols,
 )
+from biomedgpt.output_dirs import OutputDirError, check_output_dir
 
 __all__ = [
     "REJECTS_BASENAME",
@@ -414,6 +416,14 @@ def _shard_files(out: str) -> list[tuple[int, str]]:
     return found
 
 
+_SHARD_FILE = re.compile(r"^shard\.\d+\.parquet")  # shard_basename's files and their temporary siblings
+
+
+def written_by_conversion(name: str) -> bool:
+    """Whether a top-level entry of an output directory is one that a conversion writes."""
+    return name in (INDEX_BASENAME, REJECTS_BASENAME, SUMMARY_BASENAME, WORK_DIRNAME) or bool(_SHARD_FILE.match(name))
+
+
 def _remove_outputs(out: str) -> None:
     """Delete everything a conversion wrote to ``out`` (for ``overwrite``)."""
     for _, path in _shard_files(out):
@@ -530,8 +540,14 @@ def convert(
 
     config = _config(input_path, spec, cols, num_cols, rows_per_shard, row_group_rows, options)
     config_key = _config_key(config)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConversionError(f"--out {out} exists and is not a directory")
+    try:
+        # overwrite=True: an earlier conversion here is resumed or, below, replaced by the --overwrite rule; what
+        # this refuses is an --out that holds the input or anything a conversion does not write.
+        check_output_dir(
+            out, tool="biomedgpt-convert", inputs=[input_path], overwrite=True, owned=written_by_conversion
+        )
+    except OutputDirError as exc:
+        raise ConversionError(f"--out: {exc}") from None
     os.makedirs(os.path.join(out, WORK_DIRNAME), exist_ok=True)
     previous = _existing_config(out)
     if previous is not None and previous != config:
