@@ -15,9 +15,10 @@ options that take several values (--metrics, --plot-metrics, --ignore-params), o
 Metrics: the table shows every metric all runs logged (MLflow system/* metrics left out) or --metrics (names or
 globs). "Best" is the min, except for names with acc/accuracy/score/bleu/rouge/cider/meteor/spice/f1/auc/
 precision/recall/mfu/hfu/tflops/per_second/throughput (max) and lr/learning_rate/epoch/step (no best);
---goal GLOB=min|max|none overrides. The plot shows --plot-metrics, else --metrics, else loss. --assert-equal
-compares --metrics, else the common ones among loss, loss_*, loss/*, lr and grad_norm, for every pair of runs on the
-same steps; values a, b are equal when |a - b| <= max(rtol * max(|a|, |b|), atol) (default: exactly equal).
+--goal GLOB=min|max|none overrides. The plot shows --plot-metrics, else --metrics, else loss, one panel per
+metric with its own legend (runs that did not log it are marked "not logged"). --assert-equal compares --metrics,
+else the common ones among loss, loss_*, loss/*, objective, lr and grad_norm, for every pair of runs on the same
+steps; values a, b are equal when |a - b| <= max(rtol * max(|a|, |b|), atol) (default: exactly equal).
 
 Stores are checked before use: an http(s) server must answer within 5 s, an SQLite file or mlruns directory must
 exist and be an MLflow store (nothing is created), an unknown scheme lists the supported ones.

@@ -95,7 +95,7 @@ GOAL_RULES: tuple[tuple[str, Goal], ...] = (
 )
 
 # Metrics ``--assert-equal`` checks by default: those a deterministic rerun must reproduce (not timings or memory).
-DEFAULT_ASSERT_METRICS: tuple[str, ...] = ("loss", "loss_*", "loss/*", "lr", "grad_norm")
+DEFAULT_ASSERT_METRICS: tuple[str, ...] = ("loss", "loss_*", "loss/*", "objective", "lr", "grad_norm")
 
 SYSTEM_PREFIX = "system/"  # MLflow system metrics; left out of the default metric selection
 JSON_FORMAT = "biomedgpt-compare/1"
@@ -875,7 +875,8 @@ def render(comparison: Comparison, console: Console) -> None:
 
 
 def plot_metrics(runs: Sequence[RunData], metrics: Sequence[str], *, log_y: bool = False) -> Figure:
-    """One subplot per metric, every run's curve against step, with a legend of run labels (Agg, no pyplot)."""
+    """One subplot per metric, every run's curve against step; each titled, with axis labels and a legend of the
+    run labels (Agg, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -893,30 +894,28 @@ def plot_metrics(runs: Sequence[RunData], metrics: Sequence[str], *, log_y: bool
     for ax, metric in zip(axes, metrics):
         plotted = False
         for run in runs:
+            label = run.label.replace("$", r"\$")  # no mathtext; a leading "_" would hide the entry
+            label = " " + label if label.startswith("_") else label
             curve = run.histories.get(metric)
-            if not curve:
+            if not curve:  # an empty entry, so each legend lists every run and says which lack the metric
+                ax.plot([], [], linestyle="none", label=f"{label} (not logged)")
                 continue
             steps, values = zip(*curve.items())
-            label = run.label.replace("$", r"\$")  # no mathtext; a leading "_" would hide the entry
-            ax.plot(
-                steps,
-                values,
-                label=" " + label if label.startswith("_") else label,
-                linewidth=1.2,
-                marker="." if len(steps) <= 50 else None,
-            )
+            ax.plot(steps, values, label=label, linewidth=1.2, marker="." if len(steps) <= 50 else None)
             plotted = True
-        ax.set_title(metric)
+        log = plotted and log_y and all(v > 0 for r in runs for v in r.histories.get(metric, {}).values())
+        ax.set_title(metric + (" (log scale)" if log else ""))
         ax.set_xlabel("step")
+        ax.set_ylabel(metric)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if not plotted:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-        elif log_y and all(v > 0 for r in runs for v in r.histories.get(metric, {}).values()):
+        elif log:
             ax.set_yscale("log")
+        ax.legend(fontsize="small")  # on every panel: each may hold a different subset of the runs
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="small")
     return fig
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -44,3 +45,26 @@ def model_flops_utilisation(flops_per_step: float, step_seconds: float, world_si
     if peak_tflops is None or step_seconds <= 0:
         return None
     return flops_per_step / step_seconds / (peak_tflops * 1e12 * world_size)
+
+
+def step_loss_metrics(
+    keys: Sequence[str], loss_sums: Sequence[float], token_counts: Sequence[float]
+) -> dict[str, float]:
+    """The loss metrics of one step from each sub-batch's summed loss and its target tokens (over all ranks).
+
+    ``loss`` is the mean over every target token of the step (total loss / total tokens), so it can be compared
+    from step to step whichever sub-batches a step held. What pretraining optimises, ``L_v1/ntok_v1 +
+    L_v2/ntok_v2`` (OFA criterions/label_smoothed_cross_entropy.py, two sample lists), is a sum of two per-token
+    means: it drops by the whole auxiliary loss on steps without auxiliary examples, so it is logged apart as
+    ``objective``. ``loss_<key>`` is logged only on steps where that sub-batch had target tokens (a 0 there would
+    read as a perfect prediction). With a single sub-batch (fine-tuning) ``loss`` is the objective.
+    """
+    if not len(keys) == len(loss_sums) == len(token_counts):
+        raise ValueError(f"{len(keys)} sub-batch names, {len(loss_sums)} loss sums, {len(token_counts)} token counts")
+    total_tokens = float(sum(token_counts))
+    metrics = {"loss": float(sum(loss_sums)) / max(total_tokens, 1.0)}
+    if len(keys) > 1:
+        present = [(k, float(s), float(n)) for k, s, n in zip(keys, loss_sums, token_counts) if n > 0]
+        metrics["objective"] = sum(s / n for _, s, n in present)
+        metrics.update({f"loss_{key}": s / n for key, s, n in present})
+    return metrics

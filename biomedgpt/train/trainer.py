@@ -34,7 +34,12 @@ from biomedgpt.train.config import TrainConfig
 from biomedgpt.train.engine import DistributedContext, init_distributed, initialize_engine, load_tokenizer
 from biomedgpt.train.flops import forward_flops, training_flops
 from biomedgpt.train.loss import kept_token_count, label_smoothed_cross_entropy
-from biomedgpt.train.metrics import device_peak_tflops, model_flops_utilisation, peak_memory_bytes
+from biomedgpt.train.metrics import (
+    device_peak_tflops,
+    model_flops_utilisation,
+    peak_memory_bytes,
+    step_loss_metrics,
+)
 from biomedgpt.train.shared_memory import free_stale_shared_memory
 from biomedgpt.train.signals import StopController, launcher_pid
 from biomedgpt.train.validation import Validator, finetune_task_config
@@ -183,10 +188,7 @@ class Trainer:
         loss_sums = reduced[: len(self.keys)]
         task_stats = reduced[len(self.keys) : -1].view(2, len(ALL_TASKS))
         metrics: dict[str, float] = {"lr": lr}
-        per_key = [float(loss_sums[i] / max(float(global_tokens[i]), 1.0)) for i in range(len(self.keys))]
-        metrics["loss"] = sum(per_key)
-        if len(self.keys) > 1:
-            metrics.update({f"loss_{key}": value for key, value in zip(self.keys, per_key)})
+        metrics.update(step_loss_metrics(self.keys, loss_sums.tolist(), global_tokens.tolist()))
         for index, task in enumerate(ALL_TASKS):
             if task_stats[1, index] > 0:
                 metrics[f"loss/{task}"] = float(task_stats[0, index] / task_stats[1, index])

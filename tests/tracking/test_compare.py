@@ -23,6 +23,7 @@ from biomedgpt.tracking.compare import (
     load_baseline,
     metric_curve,
     metric_goal,
+    plot_metrics,
     resolve_runs,
     summarise_curve,
     values_close,
@@ -223,6 +224,29 @@ def test_plot_png_and_html(client: Any, experiment_id: str, cli: Any, tmp_path: 
         assert image.format == "PNG" and image.width > 0 and image.height > 0
     text = page.read_text()
     assert "data:image/png;base64," in text and "plot-a" in text and "plot-b" in text and "Metrics" in text
+
+
+def test_every_plot_panel_is_titled_labelled_and_has_a_legend() -> None:
+    def run(name: str, curves: dict[str, dict[int, float]]) -> RunData:
+        return RunData(name * 32, name, "e", "FINISHED", None, None, {}, {}, sorted(curves), curves)
+
+    # Pretraining logs loss_v2 only on steps with auxiliary examples; run "b" never logged it.
+    a = run("a", {"loss": {1: 9.1, 2: 11.4, 3: 8.9}, "loss_v2": {2: 18.2}, "lr": {1: 1e-4, 2: 2e-4, 3: 3e-4}})
+    b = run("b", {"loss": {1: 9.0, 2: 9.2, 3: 8.8}, "lr": {1: 1e-4, 2: 2e-4, 3: 3e-4}})
+    metrics = ["loss", "loss_v2", "lr"]
+    fig = plot_metrics([a, b], metrics, log_y=True)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == len(metrics)
+    for ax, metric in zip(panels, metrics):
+        assert ax.get_title().startswith(metric) and ax.get_xlabel() == "step" and ax.get_ylabel() == metric
+        legend = ax.get_legend()
+        assert legend is not None, metric
+        entries = [text.get_text() for text in legend.get_texts()]
+        if metric == "loss_v2":
+            assert entries == ["a", "b (not logged)"]
+        else:
+            assert entries == ["a", "b"]
+    assert panels[0].get_yscale() == "log" and "(log scale)" in panels[0].get_title()
 
 
 # ----------------------------------------------------------------------------------------------------------------
