@@ -10,18 +10,22 @@ Images may be PNG, JPEG or DICOM. The prompt is lowercased and gets a leading sp
 (``" what does the image describe?"``). ``--answers`` restricts the output to the listed answers (trie-constrained
 beam search, unnormalized scores). A fine-tuned model directory (with ``finetune_task.json``) sets the defaults: its
 image size, normalisation and candidate answers, and for VQA the question as decoder prefix, as it was trained.
-Batch lines are ``{"image": PATH, "prompt": TEXT}``; the output lines add
-``"output"``. Exit status: 0 success, 2 bad arguments or input.
+Batch lines are ``{"image": PATH, "prompt": TEXT}`` (relative image paths are read from the working directory);
+each gives one output line, in order, that adds ``"output"``. A line that cannot be answered (a missing or
+unreadable image, not a JSON request) is reported on stderr as FILE:LINE, the others still run, and its output line
+gets ``"line"``, ``"output": null`` and ``"error"``. Exit status: 0 success, 1 some batch lines failed (with a
+count), 2 bad arguments or input.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TextIO
 
 PROG = "biomedgpt-generate"
 
@@ -118,20 +122,63 @@ class Generator:
         return tok.decode(hyps[0].generated_tokens).strip() if hyps else ""
 
 
-def _read_batch(path: str) -> list[dict[str, Any]]:
-    items = []
-    with open(path) as f:
+class BatchLine(NamedTuple):
+    """One non-empty line of a batch file: its request, or why it is not one."""
+
+    number: int
+    item: dict[str, Any] | None
+    error: str | None
+
+
+def _read_batch(path: str) -> list[BatchLine]:
+    """Every non-empty line of a JSONL batch; a malformed line is kept with its error (the others still run)."""
+    lines = []
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from error
-            if not isinstance(item, dict) or not isinstance(item.get("image"), str) or "prompt" not in item:
-                raise ValueError(f'{path}:{number}: expected {{"image": path, "prompt": text}}')
-            items.append(item)
-    return items
+                lines.append(BatchLine(number, None, f"{path}:{number}: not JSON ({error})"))
+                continue
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("image"), str)
+                or not isinstance(item.get("prompt"), str)
+            ):
+                expected = f'{path}:{number}: expected {{"image": path, "prompt": text}}, got {line.strip()[:80]}'
+                lines.append(BatchLine(number, item if isinstance(item, dict) else None, expected))
+                continue
+            lines.append(BatchLine(number, item, None))
+    return lines
+
+
+def _image_error(path: str, number: int, image: str, error: Exception) -> str:
+    message = f"{path}:{number}: {error}"
+    if not Path(image).is_absolute():  # batch paths are read from where the command runs, not beside the file
+        message += f" (relative to the working directory {Path.cwd()})"
+    return message
+
+
+def _run_batch(generator: Generator, lines: Sequence[BatchLine], batch: str, out: TextIO) -> int:
+    """Answer every line, writing one output line each as it is done; returns how many failed."""
+    failed = 0
+    for line in lines:
+        error = line.error
+        record: dict[str, Any] = dict(line.item or {})
+        if error is None:
+            try:
+                record["output"] = generator(record["image"], record["prompt"])
+            except (OSError, ValueError) as exc:  # a missing or unreadable image spoils this line only
+                error = _image_error(batch, line.number, record["image"], exc)
+        if error is not None:
+            failed += 1
+            print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+            record.update(line=line.number, output=None, error=error)
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()  # what is done survives a crash later in the batch
+    return failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.model, "config.json").is_file():
         return fail(f"{args.model}: not a model directory (no config.json)")
     try:
-        items = _read_batch(args.batch) if args.batch else [{"image": args.image, "prompt": args.prompt}]
+        lines = _read_batch(args.batch) if args.batch else None
+    except (OSError, UnicodeDecodeError) as error:
+        return fail(f"cannot read the batch file {args.batch}: {error}")
+    if lines is not None and not lines:
+        return fail(f"{args.batch}: no requests (expected one JSON object per line)")
+    try:
         generator = Generator(
             args.model,
             beam=args.beam,
@@ -168,18 +220,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size=args.image_size,
             device=args.device,
         )
-        results = [{**item, "output": generator(item["image"], str(item["prompt"]))} for item in items]
+        if lines is None:
+            print(generator(args.image, args.prompt))
+            return 0
+        with open(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout) as out:
+            failed = _run_batch(generator, lines, args.batch, out)
     except (OSError, ValueError) as error:
         return fail(str(error))
-
-    if args.batch is None:
-        print(results[0]["output"])
-        return 0
-    lines = "".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results)
-    if args.out:
-        Path(args.out).write_text(lines)
-    else:
-        sys.stdout.write(lines)
+    if failed:
+        where = args.out or "the output"
+        print(
+            f'{PROG}: {failed} of {len(lines)} batch lines failed; their lines in {where} have an "error" field',
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
