@@ -1,10 +1,12 @@
 """Multi-head attention with a dense additive bias on every call (spec 1.6).
 
 OFA adds learned absolute- and relative-position biases to the logits of every attention, so there is no
-bias-free fast path. Two implementations compute the same thing:
+bias-free fast path. Three implementations compute the same thing:
 - ``reference``: explicit logits, fp32 softmax, as the original;
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the bias as a float ``attn_mask``
-  (the bias is learned, so its gradient must flow through the mask; tests check it does).
+  (the bias is learned, so its gradient must flow through the mask; tests check it does);
+- ``triton``: fused Triton kernels (``biomedgpt.kernels.attention``) that take the bias as its parts, an
+  ``AttentionBias`` (position projections, bucket tables and indices, masks), and never build it densely.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from biomedgpt.kernels.attention import fused_attention, require_triton
+from biomedgpt.kernels.bias import AttentionBias
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,7 +51,18 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
-ATTENTION_FUNCTIONS = {"reference": reference_attention, "sdpa": sdpa_attention}
+def triton_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: AttentionBias,
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    return fused_attention(query, key, value, bias, scale, dropout_p)
+
+
+ATTENTION_FUNCTIONS = {"reference": reference_attention, "sdpa": sdpa_attention, "triton": triton_attention}
 
 
 class BiomedGPTAttention(nn.Module):
@@ -67,6 +83,8 @@ class BiomedGPTAttention(nn.Module):
         # The original scales q by (head_dim * factor) ** -0.5 with factor 2 (attn_scale_factor).
         self.scaling = (self.head_dim * scale_factor) ** -0.5
         self.dropout = dropout
+        if backend == "triton":
+            require_triton()
         self.backend = backend
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
@@ -82,13 +100,22 @@ class BiomedGPTAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
-        attn_bias: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | AttentionBias | None = None,
         past_key_value: KeyValue | None = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, KeyValue | None]:
         """hidden_states [B,Tq,C]; key_value_states [B,Tk,C] for cross-attention; attn_bias broadcastable to
-        [B,H,Tq,Tk] (masks folded in as -inf). Self-attention appends to ``past_key_value``; cross-attention
-        reuses it as the encoder's projected keys and values."""
+        [B,H,Tq,Tk] (masks folded in as -inf), or for the ``triton`` backend an ``AttentionBias``.
+        Self-attention appends to ``past_key_value``; cross-attention reuses it as the encoder's projected keys
+        and values."""
+        if attn_bias is None and self.backend == "triton":
+            attn_bias = AttentionBias()
+        if attn_bias is not None and isinstance(attn_bias, AttentionBias) != (self.backend == "triton"):
+            raise TypeError(
+                f"attention backend {self.backend!r} got a {type(attn_bias).__name__} bias: the 'triton' backend "
+                "takes an AttentionBias, the others a dense tensor; switch backends with set_attention_backend so "
+                "that the encoder and decoder build the matching bias"
+            )
         query = self._split_heads(self.q_proj(hidden_states))
         if key_value_states is None:
             key = self._split_heads(self.k_proj(hidden_states))

@@ -49,7 +49,7 @@ def size_settings(name: str) -> dict[str, Any]:
     )
 
 
-ATTENTION_BACKENDS = ("sdpa", "reference")
+ATTENTION_BACKENDS = ("sdpa", "reference", "triton")
 RESNET_NORMS = ("batch", "frozen", "sync")
 
 

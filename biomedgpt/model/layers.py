@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biomedgpt.kernels.bias import AttentionBias
 from biomedgpt.model.attention import BiomedGPTAttention, KeyValue
 
 
@@ -95,7 +96,7 @@ class EncoderLayer(_PreNormLayer):
         super().__init__(config, config.encoder_attention_heads, config.encoder_ffn_dim, drop_path_rate)
         self.attn_ln = layer_norm(config.d_model, config.layer_norm_eps) if config.normformer else None
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | AttentionBias) -> torch.Tensor:
         h, _ = self.self_attn(self.self_attn_layer_norm(x), attn_bias=attn_bias)
         if self.attn_ln is not None:
             h = self.attn_ln(h)
@@ -118,9 +119,9 @@ class DecoderLayer(_PreNormLayer):
     def forward(
         self,
         x: torch.Tensor,
-        self_attn_bias: torch.Tensor,
+        self_attn_bias: torch.Tensor | AttentionBias,
         encoder_hidden_states: torch.Tensor,
-        cross_attn_bias: torch.Tensor,
+        cross_attn_bias: torch.Tensor | AttentionBias,
         past_key_value: tuple[torch.Tensor, ...] | None = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:

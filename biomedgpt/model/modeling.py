@@ -8,6 +8,7 @@ which changes no weight.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.utils import ModelOutput
 
+from biomedgpt.kernels.attention import require_triton
+from biomedgpt.kernels.bias import AttentionBias, ImageRelativeBias, TextRelativeBias
 from biomedgpt.model.attention import BiomedGPTAttention
 from biomedgpt.model.config import BiomedGPTConfig
 from biomedgpt.model.layers import DecoderLayer, EncoderLayer, layer_norm
@@ -67,6 +70,24 @@ def _position_bias(
 
 def _negative_infinity_where(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+def _uses_fused_attention(layers: nn.ModuleList) -> bool:
+    """Whether the layers run the ``triton`` backend, which takes the bias as its parts (an AttentionBias)."""
+    return layers[0].self_attn.backend == "triton"
+
+
+def _position_projections(
+    q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of ``_position_bias`` ([.., H, Tq, d] scaled, [.., H, Tk, d]), for the fused kernels."""
+    return _heads_first(q_linear(q_pos), num_heads) * scaling, _heads_first(k_linear(k_pos), num_heads)
+
+
+def _whole_table(table: nn.Embedding) -> torch.Tensor:
+    """All rows of a bucket table, read through the module: under ZeRO-3 its weight is gathered only when the
+    module itself is called, and the gradient flows back through this lookup."""
+    return table(torch.arange(table.num_embeddings, device=table.weight.device))
 
 
 class BiomedGPTEncoder(nn.Module):
@@ -161,6 +182,7 @@ class BiomedGPTEncoder(nn.Module):
         text_positions = self.pos_ln(self.embed_positions.weight[:text_len]).expand(batch, -1, -1)
 
         image_len = 0
+        image_ids = None
         if patch_images is not None:
             image, image_padding, image_ids = self.embed_image(
                 patch_images, patch_masks, sample_patch_num, generator, patch_indices
@@ -173,20 +195,38 @@ class BiomedGPTEncoder(nn.Module):
             x, padding_mask, positions = text, text_padding, text_positions
         x = x * (~padding_mask)[..., None].to(x.dtype)
 
-        # Absolute-position bias and the key padding mask are shared by every layer.
-        shared_bias = _position_bias(
-            self.pos_q_linear, self.pos_k_linear, positions, positions, self.num_heads, self.pos_scaling
-        )
-        shared_bias = shared_bias + _negative_infinity_where(padding_mask[:, None, None, :], shared_bias.dtype)
+        fused = _uses_fused_attention(self.layers)
         text_buckets = self.token_rp_bucket[:text_len, :text_len]
-        image_buckets = None
-        if image_len:
-            image_buckets = self.image_rp_bucket[image_ids[:, :, None], image_ids[:, None, :]]
+        if fused:
+            # The fused kernels take the bias as its parts and never build it [B, H, S, S].
+            q_pos, k_pos = _position_projections(
+                self.pos_q_linear, self.pos_k_linear, positions, positions, self.num_heads, self.pos_scaling
+            )
+            fused_bias = AttentionBias(q_pos=q_pos, k_pos=k_pos, key_padding=padding_mask)
+        else:
+            # Absolute-position bias and the key padding mask are shared by every layer.
+            shared_bias = _position_bias(
+                self.pos_q_linear, self.pos_k_linear, positions, positions, self.num_heads, self.pos_scaling
+            )
+            shared_bias = shared_bias + _negative_infinity_where(padding_mask[:, None, None, :], shared_bias.dtype)
+            image_buckets = None
+            if image_len:
+                image_buckets = self.image_rp_bucket[image_ids[:, :, None], image_ids[:, None, :]]
 
         hidden_states: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x)
+            if fused:
+                text = TextRelativeBias(
+                    _whole_table(self.token_rel_pos_table_list[index]), text_buckets, image_len, image_len
+                )
+                image = None
+                if image_ids is not None and image_len:
+                    table = _whole_table(self.image_rel_pos_table_list[index])
+                    image = ImageRelativeBias(table, image_ids, image_ids, self.grid_size)
+                x = layer(x, dataclasses.replace(fused_bias, text=text, image=image))
+                continue
             bias = shared_bias.clone()
             text_rel = self.token_rel_pos_table_list[index](text_buckets).permute(2, 0, 1)
             bias[:, :, image_len:, image_len:] += text_rel.to(bias.dtype)
@@ -213,6 +253,7 @@ class BiomedGPTDecoder(nn.Module):
         dim, eps, heads = config.d_model, config.layer_norm_eps, config.decoder_attention_heads
         self.num_heads = heads
         self.pad_token_id = config.pad_token_id
+        self.grid_size = config.image_bucket_size
         self.pos_scaling = (dim // heads * config.attn_scale_factor) ** -0.5
         self.max_target_positions = config.max_position_embeddings
         self.embed_tokens = embed_tokens
@@ -270,6 +311,56 @@ class BiomedGPTDecoder(nn.Module):
         image = self.image_rel_pos_table_list[index](self.image_rp_bucket[q_ids[:, None], k_ids[None, :]])
         return torch.where(code_rows[:, None, None, None], image.permute(2, 0, 1)[None], text)
 
+    def _fused_biases(
+        self,
+        positions: torch.Tensor,
+        encoder_outputs: BiomedGPTEncoderOutput,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        no_cache: bool,
+        past_len: int,
+    ) -> tuple[AttentionBias, AttentionBias]:
+        """The self- and cross-attention biases of the ``triton`` backend: the same parts as the dense path."""
+        total_len = positions.shape[1]
+        key_padding = None
+        if attention_mask is not None:
+            key_padding = ~attention_mask.bool()[:, -total_len:]
+        elif no_cache and bool(input_ids.eq(self.pad_token_id).any()):
+            key_padding = input_ids.eq(self.pad_token_id)
+        q_pos, k_pos = _position_projections(
+            self.self_pos_q_linear, self.self_pos_k_linear, positions[:, past_len:], positions, self.num_heads,
+            self.pos_scaling,
+        )  # fmt: skip
+        self_bias = AttentionBias(q_pos=q_pos, k_pos=k_pos, key_padding=key_padding, causal_offset=past_len)
+        q_pos, k_pos = _position_projections(
+            self.cross_pos_q_linear, self.cross_pos_k_linear, positions[:, past_len:],
+            encoder_outputs.position_embeddings, self.num_heads, self.pos_scaling,
+        )  # fmt: skip
+        cross_bias = AttentionBias(q_pos=q_pos, k_pos=k_pos, key_padding=encoder_outputs.padding_mask)
+        return self_bias, cross_bias
+
+    def _fused_self_bias(
+        self,
+        base: AttentionBias,
+        index: int,
+        q_steps: torch.Tensor,
+        k_steps: torch.Tensor,
+        code_rows: torch.Tensor | None,
+    ) -> AttentionBias:
+        """Layer ``index``'s self-attention bias as parts: text buckets for text rows, image buckets (from the
+        steps' image position ids) for image-code rows, as ``_self_relative_bias`` picks them."""
+        text_rows = None if code_rows is None else ~code_rows
+        text_index = self.token_rp_bucket[q_steps[:, None], k_steps[None, :]]
+        text = TextRelativeBias(_whole_table(self.token_rel_pos_table_list[index]), text_index, rows=text_rows)
+        image = None
+        if code_rows is not None:
+            batch = code_rows.shape[0]
+            q_ids = self.image_position_idx[q_steps].expand(batch, -1)
+            k_ids = self.image_position_idx[k_steps].expand(batch, -1)
+            table = _whole_table(self.image_rel_pos_table_list[index])
+            image = ImageRelativeBias(table, q_ids, k_ids, self.grid_size, rows=code_rows)
+        return dataclasses.replace(base, text=text, image=image)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -297,34 +388,40 @@ class BiomedGPTDecoder(nn.Module):
         new_steps = all_steps[past_len:]
 
         positions = self._target_positions(all_steps, code_rows)
-        self_bias = _position_bias(
-            self.self_pos_q_linear,
-            self.self_pos_k_linear,
-            positions[:, past_len:],
-            positions,
-            self.num_heads,
-            self.pos_scaling,
-        )
-        future = new_steps[:, None] < all_steps[None, :]
-        masks = future[None, None]
-        if attention_mask is not None:
-            masks = masks | ~attention_mask.bool()[:, None, None, -total_len:]
-        elif past_key_values is None and bool(input_ids.eq(self.pad_token_id).any()):
-            masks = masks | input_ids.eq(self.pad_token_id)[:, None, None, :]
-        self_bias = self_bias + _negative_infinity_where(masks, self_bias.dtype)
-
         encoder_states = encoder_outputs.last_hidden_state
-        cross_bias = _position_bias(
-            self.cross_pos_q_linear,
-            self.cross_pos_k_linear,
-            positions[:, past_len:],
-            encoder_outputs.position_embeddings,
-            self.num_heads,
-            self.pos_scaling,
-        )
-        cross_bias = cross_bias + _negative_infinity_where(
-            encoder_outputs.padding_mask[:, None, None, :], cross_bias.dtype
-        )
+        fused = _uses_fused_attention(self.layers)
+        if fused:
+            self_bias, cross_bias = self._fused_biases(
+                positions, encoder_outputs, input_ids, attention_mask, past_key_values is None, past_len
+            )
+        else:
+            self_bias = _position_bias(
+                self.self_pos_q_linear,
+                self.self_pos_k_linear,
+                positions[:, past_len:],
+                positions,
+                self.num_heads,
+                self.pos_scaling,
+            )
+            future = new_steps[:, None] < all_steps[None, :]
+            masks = future[None, None]
+            if attention_mask is not None:
+                masks = masks | ~attention_mask.bool()[:, None, None, -total_len:]
+            elif past_key_values is None and bool(input_ids.eq(self.pad_token_id).any()):
+                masks = masks | input_ids.eq(self.pad_token_id)[:, None, None, :]
+            self_bias = self_bias + _negative_infinity_where(masks, self_bias.dtype)
+
+            cross_bias = _position_bias(
+                self.cross_pos_q_linear,
+                self.cross_pos_k_linear,
+                positions[:, past_len:],
+                encoder_outputs.position_embeddings,
+                self.num_heads,
+                self.pos_scaling,
+            )
+            cross_bias = cross_bias + _negative_infinity_where(
+                encoder_outputs.padding_mask[:, None, None, :], cross_bias.dtype
+            )
 
         x = self.embed_tokens(input_ids)
         text_x = self.layernorm_embedding(x)
@@ -337,7 +434,10 @@ class BiomedGPTDecoder(nn.Module):
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x)
-            bias = self_bias + self._self_relative_bias(index, new_steps, all_steps, code_rows).to(self_bias.dtype)
+            if fused:
+                bias = self._fused_self_bias(self_bias, index, new_steps, all_steps, code_rows)
+            else:
+                bias = self_bias + self._self_relative_bias(index, new_steps, all_steps, code_rows).to(self_bias.dtype)
             past = None if past_key_values is None else past_key_values[index]
             x, present = layer(x, bias, encoder_states, cross_bias, past_key_value=past, use_cache=use_cache)
             if use_cache:
@@ -437,7 +537,9 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
         return self.decoder
 
     def set_attention_backend(self, backend: str) -> None:
-        """Switch every attention between ``sdpa`` and ``reference`` (same weights, same results)."""
+        """Switch every attention between ``sdpa``, ``reference`` and ``triton`` (same weights, same results)."""
+        if backend == "triton":
+            require_triton()
         self.config.attention_backend = backend
         self.config.validate()
         for module in self.modules():
