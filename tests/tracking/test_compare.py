@@ -350,13 +350,18 @@ def _closed_port() -> int:
 
 
 def test_unreachable_server_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
     uri = f"http://127.0.0.1:{_closed_port()}/"
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    env_before = {name: os.environ.get(name) for name in names}
     start = time.monotonic()
     code = main(["some-run", "--tracking-uri", uri])
     elapsed = time.monotonic() - start
     err = capsys.readouterr().err
     assert code == 2 and elapsed < 15, (code, elapsed, err)
     assert "cannot reach the MLflow server" in _only_error_line(err, uri)
+    assert {name: os.environ.get(name) for name in names} == env_before  # its short limits were for the command only
 
 
 def test_server_that_never_answers_times_out() -> None:
