@@ -62,6 +62,7 @@ def fine_tune(args: argparse.Namespace, corpus: Path) -> Path:
     micro = max(1, args.batch // (args.nproc * 2))
     overrides = [
         "model.size=tiny", "model.init_from=null", "data.tokenizer=null", "model.freeze_embedding=false",
+        "data.allow_demo_tokenizer=true",  # the sample corpus's own small tokenizer, not the published vocabulary
         f"data.train={converted / 'vqa_train'}", f"data.answers={corpus / 'vqa_ans2label.json'}",
         f"data.patch_image_size={IMAGE_SIZE}", f"data.seed={args.seed}", f"seed={args.seed}",
         "precision=fp32", "deepspeed_config=zero3_cpu.json",

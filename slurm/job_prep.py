@@ -12,17 +12,72 @@ launch script reads:
   its first checkpoint. Deleting the checkpoint dir starts a new run, as it starts a new training.
 
 A config error exits 2 with the trainer's own message (unknown keys, impossible values) before SLURM starts any
-step. An unreachable tracking server is reported and leaves ``mlflow_run_id`` empty: training goes on.
+step; so do, with ``--check-inputs``, missing data directories, tokenizer, answers, negative-sample files or
+``model.init_from`` (all of them named in one message, as ``biomedgpt-train`` reports them). An unreachable tracking
+server is reported and leaves ``mlflow_run_id`` empty: training goes on. An SQLite MLflow store on a network
+filesystem (NFS, Lustre, GPFS, ...) is warned about: SQLite's file locking is unreliable there and many jobs
+writing to one database end in "database is locked" errors or a corrupt store.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 RUN_ID_FILE = "mlflow_run_id"
+# Filesystem types (as /proc/mounts names them) shared between nodes over the network.
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "panfs", "afs",
+     "orangefs", "pvfs2", "wekafs", "fuse.glusterfs", "fuse.cephfs", "fuse.sshfs", "fuse.beegfs", "fuse.weka"}
+)  # fmt: skip
+
+
+def _unescape_mount_field(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash in paths as octal escapes (\\040 ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def filesystem_type(path: Path, mounts: Path = Path("/proc/mounts")) -> str | None:
+    """The type of the filesystem that holds (or will hold) ``path``: the mount with the longest mount point above
+    it in ``mounts``. None when that cannot be read (not Linux)."""
+    path, missing = path.absolute(), []
+    while not path.exists() and path != path.parent:  # the store's folder may not exist yet
+        path, missing = path.parent, [path.name, *missing]
+    path = path.resolve().joinpath(*missing)  # symlinks resolved where they exist
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return None
+    best, best_type = None, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(_unescape_mount_field(fields[1]))
+        if (path == point or point in path.parents) and (best is None or len(point.parts) >= len(best.parts)):
+            best, best_type = point, fields[2]  # a later mount over the same point hides the earlier one
+    return best_type
+
+
+def sqlite_store_warning(tracking_uri: str, mounts: Path = Path("/proc/mounts")) -> str | None:
+    """A warning when an SQLite MLflow store lies on a network filesystem, else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+    if not database or database == ":memory:":
+        return None
+    kind = filesystem_type(Path(database).parent, mounts)
+    if kind not in NETWORK_FILESYSTEMS:
+        return None
+    return (
+        f"the MLflow store {tracking_uri} is an SQLite file on a {kind} (network) filesystem. SQLite's locking is "
+        "unreliable there: with several jobs writing to it expect 'database is locked' errors or a corrupt store. "
+        "Run an MLflow server (mlflow server --backend-store-uri postgresql://... or sqlite on a local disk) and "
+        "set MLFLOW_TRACKING_URI=http://HOST:5000, or give each job its own database."
+    )
 
 
 def latest_step(checkpoint_dir: Path) -> int:
@@ -88,17 +143,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--mlflow", action="store_true", help="create or read the job's MLflow run id")
+    parser.add_argument(
+        "--check-inputs", action="store_true", help="check the data, tokenizer and model paths (exit 2 if unusable)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
     from biomedgpt.config_utils import ConfigError, load_config
     from biomedgpt.train.config import TrainConfig, preset_paths
+    from biomedgpt.train.preflight import InputError, check_inputs, demo_tokenizer_warning
 
     try:
         config = load_config(TrainConfig, args.config, args.overrides, presets=preset_paths())
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"job_prep: config error: {error}", file=sys.stderr)
         return 2
+    if args.check_inputs:
+        try:
+            # In the batch shell: the job fails here, before srun starts any rank.
+            check_inputs(config, hint="Nothing was started (no srun step, no MLflow run).")
+        except InputError as error:
+            print(f"job_prep: error: {error}", file=sys.stderr)
+            return 2
+        warning = demo_tokenizer_warning(config)
+        if warning and args.config != "demo":
+            print(f"job_prep: {warning}", file=sys.stderr)
     checkpoint_dir = Path(config.checkpoint.dir).resolve()
     lines = {
         "checkpoint_dir": str(checkpoint_dir),
@@ -108,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow and config.tracking.enabled:
         uri = tracking_uri_for(config.tracking.tracking_uri)
         lines["tracking_uri"] = uri
+        warning = sqlite_store_warning(uri)
+        if warning:
+            print(f"job_prep: warning: {warning}", file=sys.stderr)
         try:
             lines["mlflow_run_id"] = mlflow_run_id(config, checkpoint_dir, uri)
         except Exception as error:  # the tracker copes with an unreachable store; so does the job

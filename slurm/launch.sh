@@ -129,8 +129,8 @@ biomedgpt_batch_main() {
     if [[ $MODE == train ]]; then
         local prep key value
         # shellcheck disable=SC2086  # split like the ranks split it
-        prep=$("$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" --mlflow $BIOMEDGPT_ARGS_STR) ||
-            biomedgpt_die "the run config does not resolve (message above); nothing was started"
+        prep=$("$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" --mlflow --check-inputs $BIOMEDGPT_ARGS_STR) ||
+            biomedgpt_die "the run config does not resolve or names inputs that are missing (message above); nothing was started"
         while IFS='=' read -r key value; do
             case $key in
             checkpoint_dir) checkpoint_dir=$value ;;

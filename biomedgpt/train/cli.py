@@ -1,7 +1,11 @@
 """``biomedgpt-train --config NAME_OR_PATH [key=value ...]`` (also ``python -m biomedgpt.train``).
 
 The same command runs under ``torchrun --nproc_per_node N``, ``deepspeed --num_gpus N`` and ``srun`` (one task per
-device), and resumes from the newest complete checkpoint in ``checkpoint.dir`` when there is one.
+device), or without a launcher as a single rank, and resumes from the newest complete checkpoint in
+``checkpoint.dir`` when there is one. The config's input paths are checked before any process group starts.
+
+Only light modules are imported at start-up: ``--help`` and config errors must not wait for torch, transformers
+and DeepSpeed (seconds each).
 """
 
 from __future__ import annotations
@@ -11,12 +15,19 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 import yaml
 
 from biomedgpt.config_utils import ConfigError, config_to_dict, load_config
 from biomedgpt.train.config import TrainConfig, preset_paths
+from biomedgpt.train.preflight import check_inputs, demo_tokenizer_warning
+
+# What torchrun sets for every rank (streaming needs LOCAL_WORLD_SIZE too); a plain start sets them for one rank.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+SINGLE_RANK_NOTE = "no launcher found: running as 1 rank; use torchrun --nproc_per_node N for more"
+PLANNING_HINT = "Fix them in the config or as key=value overrides; --dry-run --allow-missing-data plans without them."
+START_HINT = "Nothing was started. Fix them in the config or as key=value overrides."
 
 
 def free_local_port() -> int:
@@ -36,6 +47,53 @@ def torchrun_command(config: str, overrides: Sequence[str], nproc: int) -> list[
     ]  # fmt: skip
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a world size of 0 or below cannot split a batch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def single_rank_environment(environ: MutableMapping[str, str]) -> bool:
+    """Without any launcher, make this process rank 0 of 1 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, a free ``MASTER_PORT``); True when it did.
+
+    torchrun, the deepspeed launcher, ``srun`` and ``mpirun`` are left alone (``biomedgpt.data.distributed_env``
+    maps the latter two); a partial set of the variables is an error rather than a guess.
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return False
+    from biomedgpt.data.distributed_env import detect_distributed_env
+
+    present = [name for name in LAUNCH_VARIABLES if name in environ]
+    others = {key: value for key, value in environ.items() if key not in LAUNCH_VARIABLES}
+    if detect_distributed_env(others).launcher != "none":
+        return False
+    if present:
+        raise ValueError(
+            f"the environment sets {', '.join(present)} but not both RANK and WORLD_SIZE; start with torchrun "
+            f"--nproc_per_node N (which sets them all), or unset {', '.join(present)} to run as 1 rank"
+        )
+    environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    environ.setdefault("MASTER_PORT", str(free_local_port()))
+    return True
+
+
+def dry_run_world_size(given: int | None) -> int:
+    if given is not None:
+        return given
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"environment variable WORLD_SIZE={text!r}: {error}; or pass --world-size N") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     presets = ", ".join(preset_paths())
     parser = argparse.ArgumentParser(
@@ -46,12 +104,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help=f"preset name ({presets}) or a YAML/JSON file")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configs and memory estimate")
     parser.add_argument(
-        "--world-size", type=int, default=None, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)"
+        "--world-size",
+        type=positive_int,
+        default=None,
+        help="world size (>= 1) assumed by --dry-run (default: $WORLD_SIZE or 1)",
+    )
+    parser.add_argument(
+        "--allow-missing-data",
+        action="store_true",
+        help="with --dry-run: report missing data/tokenizer/model paths as warnings and plan anyway",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     # DeepSpeed's launcher appends --local_rank=N; the rank comes from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.allow_missing_data and not args.dry_run:
+        parser.error("--allow-missing-data only goes with --dry-run: a training run needs its inputs")
+    return args
 
 
 def dry_run(config: TrainConfig, world_size: int) -> str:
@@ -73,7 +142,7 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
     notes = []
     try:
         vocab_size = len(load_tokenizer(config))
-    except FileNotFoundError as error:  # planning before the files are in place is fine
+    except (OSError, ValueError) as error:  # planning before the files are in place (--allow-missing-data)
         vocab_size = ORIGINAL_VOCAB_SIZE
         notes.append(f"({error}; assuming the original {ORIGINAL_VOCAB_SIZE:,}-token vocabulary)")
     with torch.device("meta"):
@@ -97,14 +166,31 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def warn_demo_tokenizer(source: str, config: TrainConfig) -> None:
+    """Loudly, for an opted-in demo-tokenizer run; the demo preset itself is what that tokenizer is for."""
+    warning = demo_tokenizer_warning(config)
+    if warning and source != "demo":
+        print(f"biomedgpt-train: {warning}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(TrainConfig, args.config, args.overrides, presets=preset_paths())
         if args.dry_run:
-            world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world_size = dry_run_world_size(args.world_size)
+            check_inputs(config, allow_missing=args.allow_missing_data, hint=PLANNING_HINT)
+            warn_demo_tokenizer(args.config, config)
             print(dry_run(config, world_size))
             return 0
+        # Before the process group and DeepSpeed's op builds: a wrong path fails in seconds, not minutes.
+        check_inputs(config, hint=START_HINT)
+        if single_rank_environment(os.environ):
+            print(f"biomedgpt-train: {SINGLE_RANK_NOTE}", file=sys.stderr, flush=True)
+        from biomedgpt.data.distributed_env import detect_distributed_env
+
+        if detect_distributed_env().rank == 0:
+            warn_demo_tokenizer(args.config, config)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"biomedgpt-train: error: {error}", file=sys.stderr)
         return 2

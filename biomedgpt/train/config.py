@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-from biomedgpt.model.config import MODEL_SIZES
+from typing import Literal, get_args
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 TASKS = ("pretrain", "vqa", "caption", "summarization", "nli", "classification")
+# The sizes of biomedgpt.model.config.MODEL_SIZES, spelt out: importing that module loads transformers (seconds),
+# which loading a config, `--help` and the start checks must not wait for. A test keeps the two lists equal.
+ModelSize = Literal["tiny", "medium", "base", "large", "xlarge"]
 
 
 @dataclass
 class ModelSection:
-    size: Literal["tiny", "medium", "base", "large", "xlarge"] = "tiny"
+    size: ModelSize = "tiny"
     init_from: str | None = None  # a Hugging Face model directory (consolidated or imported) to start from
     attention_backend: Literal["sdpa", "reference"] = "sdpa"
     resnet_norm: Literal["batch", "frozen", "sync"] = "batch"
@@ -29,8 +30,8 @@ class ModelSection:
     freeze_embedding: bool = False  # fine-tuning recipes freeze the shared embedding (and so the LM head)
 
     def __post_init__(self) -> None:
-        if self.size not in MODEL_SIZES:
-            raise ValueError(f"size={self.size!r}; choose one of {list(MODEL_SIZES)}")
+        if self.size not in get_args(ModelSize):
+            raise ValueError(f"size={self.size!r}; choose one of {list(get_args(ModelSize))}")
 
 
 @dataclass
@@ -51,7 +52,10 @@ class DataSection:
     imagenet_normalization: bool = False  # classification (MedMNIST) normalises with ImageNet mean/std
     max_tgt_words: int = 30
     remote_root: str | None = None  # with a remote, the paths above are local cache folders
-    tokenizer: str | None = None  # tokenizer folder; None = the small one shipped with the package
+    tokenizer: str | None = None  # tokenizer folder; None = the small one shipped with the package (demo only)
+    # The shipped 12,193-id tokenizer gives models that match no published checkpoint; runs other than the demo
+    # must name data.tokenizer or opt in to it here (with a warning).
+    allow_demo_tokenizer: bool = False
     patch_image_size: int = 256
     sample_patch_num: int | None = 196
     mixture_period: int = 8
@@ -204,10 +208,15 @@ class TrainConfig:
     log_every_steps: int = 1
     peak_tflops: float | None = None  # device peak for MFU; None: look the device up in the table
     seed: int = 0
+    # How long a collective waits for the slowest rank before the job fails; None: DeepSpeed's default (10 min, or
+    # $DEEPSPEED_TIMEOUT). A checkpoint written to a slow shared filesystem or a long validation can need more.
+    dist_timeout_minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.log_every_steps < 1:
             raise ValueError("log_every_steps must be >= 1")
+        if self.dist_timeout_minutes is not None and self.dist_timeout_minutes <= 0:
+            raise ValueError(f"dist_timeout_minutes={self.dist_timeout_minutes} must be > 0 (or null for the default)")
         if self.validation.data is not None:
             from biomedgpt.evaluation.runner import TASK_METRICS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -33,8 +34,11 @@ class DistributedContext:
         return self.rank == 0
 
 
-def init_distributed() -> DistributedContext:
-    """Map the launcher's variables (torchrun, deepspeed, srun) and start the process group (gloo on CPU)."""
+def init_distributed(timeout_minutes: float | None = None) -> DistributedContext:
+    """Map the launcher's variables (torchrun, deepspeed, srun) and start the process group (gloo on CPU).
+
+    ``timeout_minutes`` bounds how long a collective waits for the slowest rank (None: DeepSpeed's default).
+    """
     env: DistributedEnv = apply_distributed_env()
     import deepspeed
 
@@ -44,7 +48,8 @@ def init_distributed() -> DistributedContext:
         torch.cuda.set_device(env.local_rank)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    timeout = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **timeout)
     device = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
     return DistributedContext(env.rank, env.local_rank, env.world_size, device, backend)
 

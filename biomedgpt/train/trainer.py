@@ -226,7 +226,7 @@ class Trainer:
         )
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
-        self.context: DistributedContext = init_distributed()
+        self.context: DistributedContext = init_distributed(config.dist_timeout_minutes)
         torch.manual_seed(config.seed + self.context.rank)  # dropout differs per rank, as with DDP
         self.tokenizer = load_tokenizer(config)
         freed = free_stale_shared_memory(local_main=self.context.local_rank == 0)  # what killed runs left

@@ -176,7 +176,8 @@ def test_finetune_then_evaluate_sbatch_chain(slurm_cluster, data_root, tmp_path)
     submitted together with a SLURM dependency, as a user chains them."""
     converted = data_root / "converted"
     overrides = [
-        "model.size=tiny", "model.init_from=null", "data.tokenizer=null", f"data.train={converted / 'nli_train'}",
+        "model.size=tiny", "model.init_from=null", "data.tokenizer=null", "data.allow_demo_tokenizer=true",
+        f"data.train={converted / 'nli_train'}",
         "precision=fp32", "deepspeed_config=zero3_cpu.json", "optim.max_steps=2", "checkpoint.every_steps=2",
         f"validation.data={converted / 'nli_val'}", "validation.every_steps=2", *SMALL,
     ]  # fmt: skip

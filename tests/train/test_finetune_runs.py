@@ -57,7 +57,7 @@ def pretrained(tmp_path_factory) -> Path:
 def task_overrides(task: str, data_root: Path, run_dir: Path, start_from: Path | None = None) -> list[str]:
     corpus, converted = data_root / "corpus", data_root / "converted"
     start = [f"model.init_from={start_from}", f"data.tokenizer={start_from}"] if start_from else [
-        "model.init_from=null", "data.tokenizer=null"]  # fmt: skip
+        "model.init_from=null", "data.tokenizer=null", "data.allow_demo_tokenizer=true"]  # fmt: skip
     common = [
         "model.size=tiny", *start, f"data.train={converted / f'{task}_train'}",
         "precision=fp32", "deepspeed_config=zero3_cpu.json", f"checkpoint.dir={run_dir / 'ckpt'}",
