@@ -30,8 +30,12 @@ _KERNEL_FILE = Path(__file__).with_name("_triton_attention.py")
 
 
 def triton_available() -> bool:
-    """Whether the triton package is installed (a GPU, or TRITON_INTERPRET=1 on CPU, is needed to run it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the triton package imports (a GPU, or TRITON_INTERPRET=1 on CPU, is needed to run it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def require_triton() -> None:
@@ -274,10 +278,12 @@ def fused_attention(
     dropout_p: float = 0.0,
     block_m: int | None = None,
     block_n: int | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """[B,H,Tq,hd] x [B,H,Tk,hd] -> [B,H,Tq,hd]: softmax(scale*q.k + bias) @ v with dropout ``dropout_p`` on the
-    probabilities, ``bias`` given by its parts (see ``AttentionBias``). The dropout mask is drawn from a seed taken
-    from torch's default CPU generator, so ``torch.manual_seed`` makes it repeatable."""
+    probabilities, ``bias`` given by its parts (see ``AttentionBias``). The dropout mask comes from ``seed``, by
+    default drawn from torch's default CPU generator, so ``torch.manual_seed`` makes it repeatable (and activation
+    checkpointing, which restores that generator, redraws the same mask)."""
     require_triton()
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
@@ -290,14 +296,15 @@ def fused_attention(
     if bias.q_pos is not None and bias.k_pos is not None:
         q = torch.cat([q, bias.q_pos.to(q.dtype).expand(batch, heads, tq, -1)], dim=-1)
         k = torch.cat([k, bias.k_pos.to(k.dtype).expand(batch, heads, tk, -1)], dim=-1)
-    seed = 0
     if dropout_p > 0:
         if batch * heads * tq * tk >= 2**31:
             raise ValueError(
                 f"in-kernel dropout numbers logits with int32: B*H*Tq*Tk = {batch * heads * tq * tk} is too many; "
                 "use a smaller batch per step or attention_dropout=0"
             )
-        seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+    seed = seed or 0
     launch = _Launch(bias, batch, heads, tq, tk, query.device)
     text_table = None if bias.text is None else bias.text.table
     image_table = None if bias.image is None else bias.image.table
