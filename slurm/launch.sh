@@ -12,7 +12,8 @@
 # `scontrol requeue`, and the next start resumes from the checkpoint in the same MLflow run.
 #
 # Variables (set by the template; see slurm/README.md): CONFIG OVERRIDES MODULE MODE CHECKPOINT_DIR
-# MLFLOW_TRACKING_URI VENV REPO_DIR GPUS_PER_NODE PROCS_PER_NODE CPU_PROCS_PER_NODE MAX_RESTARTS EXTRA_TORCHRUN_ARGS.
+# MLFLOW_TRACKING_URI VENV REPO_DIR GPUS_PER_NODE PROCS_PER_NODE CPU_PROCS_PER_NODE MAX_RESTARTS EXTRA_TORCHRUN_ARGS
+# CONTAINER_EXEC SRUN_ARGS.
 
 # ---------------------------------------------------------------------------------------------- node side (srun task)
 biomedgpt_node_main() {
@@ -70,6 +71,10 @@ biomedgpt_batch_main() {
     : "${SLURM_JOB_ID:?launch.sh runs inside a SLURM job (sbatch slurm/pretrain.sbatch)}"
     local launch_sh="$REPO_DIR/slurm/launch.sh"
     export REPO_DIR MODULE PROCS_PER_NODE NNODES MASTER_ADDR MASTER_PORT EXTRA_TORCHRUN_ARGS
+    # A container runtime in front of every python command of the batch shell and of each node's task.
+    local -a container=() srun_args=()
+    read -r -a container <<<"${CONTAINER_EXEC:-}"
+    read -r -a srun_args <<<"${SRUN_ARGS:-}"
     export BIOMEDGPT_NO_PROGRESS=${BIOMEDGPT_NO_PROGRESS:-1} # a tqdm bar does not belong in a log file
     export PYTHONUNBUFFERED=1
 
@@ -88,7 +93,13 @@ biomedgpt_batch_main() {
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
     MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))} # same rule as biomedgpt.data.distributed_env
     if [[ -z ${GPUS_PER_NODE:-} ]]; then
-        GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+        GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+        if [[ -z $GPUS_PER_NODE && -n ${SLURM_JOB_GPUS:-} ]]; then # --gres=gpu:N sets only the GPU ids, "0,1,2,3"
+            local -a gpu_ids=()
+            IFS=, read -r -a gpu_ids <<<"$SLURM_JOB_GPUS"
+            GPUS_PER_NODE=${#gpu_ids[@]}
+        fi
+        GPUS_PER_NODE=${GPUS_PER_NODE:-0}
         GPUS_PER_NODE=${GPUS_PER_NODE##*:} # "a100:8" -> 8
     fi
     if [[ -z ${PROCS_PER_NODE:-} ]]; then
@@ -122,14 +133,16 @@ biomedgpt_batch_main() {
     trap 'biomedgpt_on_signal TERM' TERM
 
 
-    "$BIOMEDGPT_PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' \
-        "$MODULE" 2>/dev/null || biomedgpt_die "python module $MODULE is not installed in $BIOMEDGPT_PYTHON"
+    "${container[@]}" "$BIOMEDGPT_PYTHON" -c \
+        'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "$MODULE" 2>/dev/null ||
+        biomedgpt_die "python module $MODULE is not installed in ${container[*]} $BIOMEDGPT_PYTHON"
 
     local max_steps="" latest_step=0 checkpoint_dir=""
     if [[ $MODE == train ]]; then
         local prep key value
         # shellcheck disable=SC2086  # split like the ranks split it
-        prep=$("$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" --mlflow --check-inputs $BIOMEDGPT_ARGS_STR) ||
+        prep=$("${container[@]}" "$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" --mlflow --check-inputs \
+            $BIOMEDGPT_ARGS_STR) ||
             biomedgpt_die "the run config does not resolve or names inputs that are missing (message above); nothing was started"
         while IFS='=' read -r key value; do
             case $key in
@@ -154,7 +167,7 @@ biomedgpt_batch_main() {
         biomedgpt_log "signalled before the step started; not starting it"
     else
         srun --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
-            bash "$launch_sh" node &
+            "${srun_args[@]}" "${container[@]}" bash "$launch_sh" node &
         BIOMEDGPT_SRUN_PID=$!
         while :; do
             rc=0
@@ -168,7 +181,7 @@ biomedgpt_batch_main() {
     if [[ $BIOMEDGPT_SIGNALLED == USR1 && $rc -eq 0 && $MODE == train ]]; then
         local prep_after
         # shellcheck disable=SC2086
-        prep_after=$("$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" $BIOMEDGPT_ARGS_STR)
+        prep_after=$("${container[@]}" "$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" $BIOMEDGPT_ARGS_STR)
         latest_step=$(sed -n 's/^latest_step=//p' <<<"$prep_after")
         if ((latest_step >= max_steps)); then
             biomedgpt_log "training finished (step $latest_step) before the signal took effect; not requeueing"

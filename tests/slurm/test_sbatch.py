@@ -136,6 +136,25 @@ def test_pretrain_sbatch_runs_to_the_end(slurm_cluster, data_root, tmp_path):
     assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == {1, 2, 3, 4}
 
 
+def test_missing_inputs_fail_the_job_before_srun(slurm_cluster, data_root, tmp_path):
+    """job_prep.py checks the config's paths in the batch shell: the job fails with their keys, no step starts."""
+    missing = tmp_path / "no_text"
+    overrides = [o for o in demo_overrides(data_root, 2) if not o.startswith(("checkpoint.dir=", "data.text="))]
+    variables = dict(
+        CONFIG="demo",
+        OVERRIDES=" ".join([*overrides, f"data.text={missing}", *SMALL]),
+        CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+        CPU_PROCS_PER_NODE="2",
+    )
+    job_id = sbatch(TEMPLATE, tmp_path, slurm_cluster, variables)
+    fields = wait_for_job(tmp_path, job_id, timeout=180)
+    log = log_of(tmp_path, job_id)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", log[-4000:]
+    assert f"data.text={missing}: does not exist; convert the TSV with biomedgpt-convert" in log
+    assert "names inputs that are missing (message above); nothing was started" in log
+    assert "step finished" not in log and not (tmp_path / "ckpt").exists()
+
+
 def test_usr1_checkpoints_requeues_and_resumes_in_the_same_mlflow_run(slurm_cluster, data_root, tmp_path):
     steps = 5
     job_id = submit(tmp_path, data_root, slurm_cluster, steps=steps, every=100)  # only the signal's checkpoint
