@@ -38,7 +38,7 @@ from biomedgpt.train.loss import LossOutput, kept_token_count
 DEFAULT_CHUNK_SIZE = 1024  # 1,024 x 59,457 fp32 logits = 232 MiB per chunk buffer
 
 
-def _chunk_log_probs(
+def _chunk_logits(
     hidden: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor | None, compute_dtype: torch.dtype
 ) -> torch.Tensor:
     """Logits of some target tokens, in ``compute_dtype`` and with disallowed tokens at -inf (as the plain loss's
@@ -72,7 +72,7 @@ class _ChunkedTokenLosses(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_size):
             part = slice(start, start + chunk_size)
             chunk_masks = None if masks is None else masks[rows[part]]
-            lprobs = _chunk_log_probs(hidden[part], weight, chunk_masks, compute_dtype)
+            lprobs = _chunk_logits(hidden[part], weight, chunk_masks, compute_dtype)
             lse[part] = torch.logsumexp(lprobs, dim=-1)
             lprobs.sub_(lse[part, None])  # now log_softmax, in place: one [chunk, V] buffer besides logsumexp's
             nll[part] = -lprobs.gather(-1, target[part, None]).squeeze(-1)
@@ -104,11 +104,11 @@ class _ChunkedTokenLosses(torch.autograd.Function):
             index = active[start : start + ctx.chunk_size]
             chunk_masks = None if masks is None else masks[rows[index]]
             chunk_hidden = hidden[index]
-            probs = _chunk_log_probs(chunk_hidden, weight, chunk_masks, lse.dtype)
+            probs = _chunk_logits(chunk_hidden, weight, chunk_masks, lse.dtype)
             probs.sub_(lse[index, None]).exp_()
             g_nll, g_smooth = grad_nll[index], grad_smooth[index]
             # d nll / dz = p - onehot(y);  d smooth / dz = n p - 1_allowed  (z: logits, p: softmax over allowed).
-            # n * g_smooth is exact where log_softmax's backward would sum V equal values in fp32 (~3e-5 off).
+            # n * g_smooth is one rounding where log_softmax's backward sums V equal values in fp32 (~3e-5 off).
             grad_logits = probs.mul_((g_nll + num_allowed[index] * g_smooth)[:, None])
             grad_logits.sub_(g_smooth[:, None])
             if chunk_masks is not None:
