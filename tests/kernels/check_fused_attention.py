@@ -11,6 +11,7 @@ Run by test_kernels_under_interpreter.py in a fresh process, or directly:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -97,10 +98,9 @@ def assert_matches_reference(q, k, v, bias: AttentionBias, gen: torch.Generator)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
-def test_encoder_image_patches_and_text_with_padding_match_reference() -> None:
+def encoder_case(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBias]:
     """Self-attention over [sampled image patches ; text] with per-sample patch ids, a sample without an image
     (its patches are padding) and right-padded text."""
-    gen = torch.Generator().manual_seed(0)
     batch, heads, patches, text_len, dim = 2, 2, 11, 10, 16
     length = patches + text_len  # 21: two blocks, the second partial
     # Each sample keeps its own random 11 of the 16x16 grid's patches, as pretraining's patch sampling does.
@@ -122,7 +122,50 @@ def test_encoder_image_patches_and_text_with_padding_match_reference() -> None:
         image=ImageRelativeBias(leaf(image_relative_bucket_count(GRID), heads, gen=gen), image_ids, image_ids, GRID),
     )
     q, k, v = (leaf(batch, heads, length, dim, gen=gen) for _ in range(3))
+    return q, k, v, bias
+
+
+def test_encoder_image_patches_and_text_with_padding_match_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, bias = encoder_case(gen)
     assert_matches_reference(q, k, v, bias, gen)
+
+
+def test_fp16_inputs_match_the_fp32_reference_to_fp16_precision() -> None:
+    """The half-precision paths (casts before tl.dot, fp16 outputs, fp16 table gradients) on the encoder case.
+    The interpreter is exact in fp16 but not in bf16, which only a GPU run can check."""
+    gen = torch.Generator().manual_seed(0)
+    q32, k32, v32, bias32 = encoder_case(gen)
+    half = {id(t): t.detach().half().requires_grad_(True) for t in (q32, k32, v32, *bias_leaves(bias32))}
+    q, k, v = half[id(q32)], half[id(k32)], half[id(v32)]
+    bias = AttentionBias(
+        q_pos=half[id(bias32.q_pos)],
+        k_pos=half[id(bias32.k_pos)],
+        key_padding=bias32.key_padding,
+        text=dataclasses.replace(bias32.text, table=half[id(bias32.text.table)]),
+        image=dataclasses.replace(bias32.image, table=half[id(bias32.image.table)]),
+    )
+    inputs = [q, k, v, *bias_leaves(bias)]
+    grad_out = torch.randn(q.shape, generator=gen)
+    fused = fused_attention(q, k, v, bias, SCALE)
+    assert fused.dtype == torch.float16
+    fused_grads = torch.autograd.grad(fused, inputs, grad_out.half())
+
+    exact = [t.detach().float().requires_grad_(True) for t in inputs]
+    bias_exact = AttentionBias(
+        q_pos=exact[3],
+        k_pos=exact[4],
+        key_padding=bias.key_padding,
+        text=dataclasses.replace(bias.text, table=exact[5]),
+        image=dataclasses.replace(bias.image, table=exact[6]),
+    )
+    shape = (*q.shape[:3], k.shape[2])
+    expected = reference_attention(exact[0], exact[1], exact[2], dense_bias(bias_exact, *shape), SCALE, 0.0)
+    expected_grads = torch.autograd.grad(expected, exact, grad_out)
+    torch.testing.assert_close(fused.float(), expected, atol=5e-3, rtol=5e-3)
+    for got, want in zip(fused_grads, expected_grads):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), want, atol=5e-3, rtol=5e-3)
 
 
 def test_decoder_self_attention_with_cache_and_image_code_rows_matches_reference() -> None:
