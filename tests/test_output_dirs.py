@@ -66,7 +66,7 @@ def test_a_directory_without_manifest_or_of_another_tool_is_refused(tmp_path: Pa
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "results.csv").write_text("1")
-    with pytest.raises(OutputDirError, match=r"did not write \(results.csv\)"):
+    with pytest.raises(OutputDirError, match=rf"not empty \(results.csv\) and has no {MANIFEST_NAME}"):
         _publish(plain, {"a": "1"}, overwrite=True)
     other = tmp_path / "other"
     _publish(other, {"a": "1"}, tool="tool-b")
@@ -87,6 +87,47 @@ def test_an_output_that_is_or_contains_the_input_is_refused(tmp_path: Path) -> N
     with pytest.raises(OutputDirError, match="contains the input"):
         check_output_dir(tmp_path / "link", tool="t", inputs=[run / "checkpoints"], overwrite=True)
     check_output_dir(run / "checkpoints" / "model", tool="t", inputs=[run / "checkpoints"])  # inside is fine
+
+
+def test_an_empty_folder_of_the_user_is_kept_and_the_earlier_output_too(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _publish(out, {"a.bin": "1"})
+    (out / "plots").mkdir()  # the user's, empty
+    with pytest.raises(OutputDirError, match=r"did not write \(plots/\)"):
+        _publish(out, {"a.bin": "2"}, overwrite=True)
+    assert (out / "plots").is_dir() and (out / "a.bin").read_text() == "1"
+
+
+def test_a_symlinked_output_is_replaced_through_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    _publish(real, {"a.bin": "1"})
+    (tmp_path / "link").symlink_to(real)
+    _publish(tmp_path / "link", {"a.bin": "2"}, overwrite=True)
+    assert (tmp_path / "link").is_symlink() and (real / "a.bin").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing left aside
+
+
+def test_the_working_directory_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for output in (".", str(work), str(tmp_path)):
+        with pytest.raises(OutputDirError, match="working directory"):
+            check_output_dir(output, tool="t")
+    _publish(Path("sub"), {"a": "1"})  # a relative output below it is fine
+    assert (work / "sub" / "a").read_text() == "1" and sorted(p.name for p in work.iterdir()) == ["sub"]
+
+
+def test_a_manifest_entry_outside_the_output_deletes_nothing_there(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _publish(out, {"a.bin": "1"})
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["entries"].append("../victim.txt")
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    _publish(out, {"a.bin": "2"}, overwrite=True)
+    assert victim.read_text() == "precious" and (out / "a.bin").read_text() == "2"
 
 
 def test_a_file_appearing_while_the_tool_works_stops_the_replacement(tmp_path: Path) -> None:
@@ -110,8 +151,14 @@ def test_claim_marks_a_fresh_directory_and_refuses_a_foreign_one(tmp_path: Path)
         claim_output_dir(out, tool="demo", owned=["model", "corpus"])
     home = tmp_path / "home"
     (home / "model").mkdir(parents=True)  # a user's own folder of a name the demo uses
-    with pytest.raises(OutputDirError, match="not written by demo"):
+    with pytest.raises(OutputDirError, match="not made by demo"):
         claim_output_dir(home, tool="demo", owned=["model"])
+    (out / ".model.partial-4242").mkdir()  # a consolidation killed inside the demo's folder
+    (out / "thesis.tex").unlink()
+    claim_output_dir(out, tool="demo", owned=["model", "corpus"])
+    (out / ".thesis.partial-1").mkdir()
+    with pytest.raises(OutputDirError, match=r"\.thesis\.partial-1"):
+        claim_output_dir(out, tool="demo", owned=["model", "corpus"])
 
 
 def test_checkpoint_command_lines_start_without_torch_or_transformers() -> None:
@@ -164,3 +211,16 @@ def test_convert_refuses_an_out_that_holds_the_input_or_foreign_files(tmp_path: 
     assert convert(str(tsv), "text", str(fresh)).shards_reused == 1
     summary = convert(str(tsv), "text", str(fresh), rows_per_shard=3, overwrite=True)
     assert summary.rows_written == 6 and summary.shards_reused == 0
+
+
+def test_convert_resumes_after_a_kill_that_left_its_temporary_files(tmp_path: Path) -> None:
+    from biomedgpt.data.convert import convert
+
+    tsv = _text_tsv(tmp_path / "text.tsv")
+    out = tmp_path / "converted"
+    convert(str(tsv), "text", str(out))
+    for name in ("rejects.jsonl.tmp", "index.json.tmp", "conversion_summary.json.tmp"):
+        (out / name).write_text("half written")  # as a SIGKILL during the final merge leaves them
+    assert convert(str(tsv), "text", str(out)).rows_written == 6
+    convert(str(tsv), "text", str(out), rows_per_shard=2, overwrite=True)
+    assert not list(out.glob("*.tmp"))

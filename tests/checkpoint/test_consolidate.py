@@ -337,7 +337,7 @@ def test_overwrite_never_deletes_what_consolidation_did_not_write(
     (taken / "keep.txt").write_text("x")
     for extra in ([], ["--overwrite"]):
         assert main([str(ckpt), str(taken), "--no-progress", *extra]) == 2
-        assert "did not write (keep.txt)" in capsys.readouterr().err
+        assert "not empty (keep.txt)" in capsys.readouterr().err
         assert (taken / "keep.txt").read_text() == "x" and not (taken / "model.safetensors").exists()
 
     # An earlier consolidation: replaced only with --overwrite, and then without leftovers (4 shards -> 1 file).
