@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from biomedgpt.data.convert import (
     DEFAULT_MAX_REJECT_RATIO,
+    SUMMARY_BASENAME,
     ConversionError,
     ConversionSummary,
     StrictModeError,
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_IMAGE_BYTES,
         metavar="N",
-        help=f"reject rows whose decoded image is larger than N bytes (default {DEFAULT_MAX_IMAGE_BYTES})",
+        help=f"reject rows whose image file (the bytes the base64 text encodes, before any pixel decoding) is "
+        f"larger than N bytes (default {DEFAULT_MAX_IMAGE_BYTES})",
     )
     parser.add_argument(
         "--clip-boxes",
@@ -122,6 +124,13 @@ def _print_summary(summary: ConversionSummary) -> None:
         print(f"  {summary.crlf_lines} lines ended in CRLF (accepted as line endings)")
     if summary.utf8_bom:
         print("  a UTF-8 byte order mark at the start of the file was dropped")
+    shown = list(summary.image_decodings.items())
+    if shown:
+        print("  images decoded by rule (see docs/medical_images.md):")
+        for rule, count in shown[:8]:
+            print(f"    {count:>8}  {rule}")
+        if len(shown) > 8:
+            print(f"    {sum(c for _, c in shown[8:]):>8}  by {len(shown) - 8} other rules ({SUMMARY_BASENAME})")
     if summary.failed:
         print(f"  FAILED: no {summary.out}/index.json written (see the error below)")
 

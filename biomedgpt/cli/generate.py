@@ -156,7 +156,8 @@ def _read_batch(path: str) -> list[BatchLine]:
 
 def _image_error(path: str, number: int, image: str, error: Exception) -> str:
     message = f"{path}:{number}: {error}"
-    if not Path(image).is_absolute():  # batch paths are read from where the command runs, not beside the file
+    if isinstance(error, FileNotFoundError) and not Path(image).is_absolute():
+        # batch paths are read from where the command runs, not beside the batch file
         message += f" (relative to the working directory {Path.cwd()})"
     return message
 

@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
         )
-    except OutputDirError as exc:  # a usage error: nothing was read or written
+    except (OutputDirError, OSError) as exc:  # a usage error or the output side (disk full, permissions)
         print(f"biomedgpt-import: error: {exc}", file=sys.stderr)
         return 2
     except CheckpointImportError as exc:

@@ -53,6 +53,7 @@ from biomedgpt.data.parquet_shards import (
 from biomedgpt.data.schema import (
     DEFAULT_MAX_FIELD_CHARS,
     DEFAULT_MAX_IMAGE_BYTES,
+    IMAGE_NOTE,
     SCHEMA_VERSION,
     KindSpec,
     RowError,
@@ -154,6 +155,9 @@ class ConversionSummary:
     rows_clipped: int = 0  # kept rows with a box cut to the image (clip_boxes)
     crlf_lines: int = 0  # lines that ended in \r\n (accepted as line endings)
     utf8_bom: bool = False  # the file started with a UTF-8 BOM (dropped)
+    # Kept rows' images by the rule that decoded them (biomedgpt.data.images.decoding_kind), e.g. how many 16-bit
+    # PNGs were scaled by their bit depth and which DICOM windows were applied.
+    image_decodings: dict[str, int] = field(default_factory=dict)
     failed: bool = False  # no row kept or too many rejected; no index.json was written
     failure: str = ""  # why, as TooManyRejectsError says it
     elapsed_s: float = 0.0
@@ -283,6 +287,7 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
     rejects_path = _work_path(task.out, plan.shard_id, ".rejects.jsonl")
     counts: Counter[str] = Counter()
     stats: Counter[str] = Counter()
+    decodings: Counter[str] = Counter()  # kept rows' images by decoding rule
     writer = ParquetShardWriter(shard_path, kind.schema, task.row_group_rows, task.compression_level)
     try:
         with open(rejects_path + ".tmp", "w") as rejects:
@@ -302,6 +307,7 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
                     continue
                 writer.write(row)
                 stats["rows_clipped"] += "box_clipped" in notes
+                decodings.update(n.removeprefix(IMAGE_NOTE) for n in notes if n.startswith(IMAGE_NOTE))
         if writer.samples:
             info = writer.close()
         else:
@@ -323,6 +329,7 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
         "rows_clipped": stats["rows_clipped"],
         "crlf_lines": stats["crlf_lines"],
         "utf8_bom": bool(stats["utf8_bom"]),
+        "image_decodings": dict(decodings),
         "shard": info.to_json(),
     }
     mark_path = _work_path(task.out, plan.shard_id, ".json")
@@ -419,16 +426,22 @@ def _shard_files(out: str) -> list[tuple[int, str]]:
 _SHARD_FILE = re.compile(r"^shard\.\d+\.parquet")  # shard_basename's files and their temporary siblings
 
 
+_OUTPUT_FILES = (INDEX_BASENAME, REJECTS_BASENAME, SUMMARY_BASENAME)
+
+
 def written_by_conversion(name: str) -> bool:
-    """Whether a top-level entry of an output directory is one that a conversion writes."""
-    return name in (INDEX_BASENAME, REJECTS_BASENAME, SUMMARY_BASENAME, WORK_DIRNAME) or bool(_SHARD_FILE.match(name))
+    """Whether a top-level entry of an output directory is one that a conversion writes (the ``.tmp`` names of its
+    files too: an interrupted conversion leaves them, and a re-run resumes or replaces them)."""
+    if name == WORK_DIRNAME or _SHARD_FILE.match(name):
+        return True
+    return name.removesuffix(".tmp") in _OUTPUT_FILES
 
 
 def _remove_outputs(out: str) -> None:
     """Delete everything a conversion wrote to ``out`` (for ``overwrite``)."""
     for _, path in _shard_files(out):
         os.remove(path)
-    for name in (INDEX_BASENAME, REJECTS_BASENAME, SUMMARY_BASENAME):
+    for name in _OUTPUT_FILES + tuple(name + ".tmp" for name in _OUTPUT_FILES):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     shutil.rmtree(os.path.join(out, WORK_DIRNAME), ignore_errors=True)
@@ -552,9 +565,15 @@ def convert(
     previous = _existing_config(out)
     if previous is not None and previous != config:
         if not overwrite:
+            older = sorted(set(config) - set(previous))
+            why = (
+                f" (it was made by an earlier version of biomedgpt-convert, without the options {', '.join(older)})"
+                if older
+                else ""
+            )
             raise ConversionError(
-                f"{out} already holds a conversion of {_describe(previous)}; this run asks for {_describe(config)}. "
-                "Choose another --out directory, or pass --overwrite to replace what is there."
+                f"{out} already holds a conversion of {_describe(previous)}; this run asks for {_describe(config)}"
+                f"{why}. Choose another --out directory, or pass --overwrite to replace what is there."
             )
         _remove_outputs(out)
         os.makedirs(os.path.join(out, WORK_DIRNAME), exist_ok=True)
@@ -660,6 +679,7 @@ def _finish(
         max_reject_ratio=max_reject_ratio,
     )
     reasons: Counter[str] = Counter()
+    decodings: Counter[str] = Counter()
     infos: list[ShardInfo] = []
     tmp_rejects = os.path.join(out, REJECTS_BASENAME + ".tmp")
     with open(tmp_rejects, "wb") as merged:
@@ -670,6 +690,7 @@ def _finish(
             summary.rows_clipped += mark.get("rows_clipped", 0)
             summary.crlf_lines += mark.get("crlf_lines", 0)
             summary.utf8_bom = summary.utf8_bom or bool(mark.get("utf8_bom"))
+            decodings.update(mark.get("image_decodings", {}))
             reasons.update(mark["rejects"])
             if mark["shard"]["samples"]:
                 infos.append(ShardInfo.from_json(mark["shard"]))
@@ -678,6 +699,7 @@ def _finish(
     os.replace(tmp_rejects, os.path.join(out, REJECTS_BASENAME))
     summary.rows_rejected = sum(reasons.values())
     summary.rejects_by_reason = dict(sorted(reasons.items()))
+    summary.image_decodings = dict(decodings.most_common())
     summary.shards_with_rows = len(infos)
     if summary.rows_read != summary.rows_written + summary.rows_rejected:  # pragma: no cover - an internal bug
         raise ConversionError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
 
-# Key of ``image.info`` that names the rule ``decode_image`` used (conversion summaries and docs report it).
+# Key of ``image.info`` that names the rule ``decode_image`` used (conversion summaries count it: decoding_kind).
 DECODE_INFO_KEY = "biomedgpt_decode"
 
 # Bit depths a grey image in a 16-bit container is assumed to use when the file does not say (PNG sBIT): detectors and
@@ -40,6 +41,24 @@ def is_dicom(data: bytes) -> bool:
 def describe_decoding(image: Image.Image) -> str:
     """The rule ``decode_image`` used for ``image`` (e.g. "DICOM CT: window C=40 W=400 from the file, LINEAR")."""
     return str(image.info.get(DECODE_INFO_KEY, "not decoded by biomedgpt.data.images.decode_image"))
+
+
+# The per-image numbers of a rule, left out when rules are counted over a data set.
+_PER_IMAGE_DETAIL = (
+    (re.compile(r"\s*\([^)]*\)"), ""),  # "(12 bits: the smallest ... 4095)"
+    (re.compile(r"rescale -?[\d.e+-]+\*x[+-][\d.e+-]+"), "rescale"),
+    (re.compile(r"min/max -?[\d.e+-]+\.\.-?[\d.e+-]+"), "min/max"),
+    (re.compile(r"frame 1 of \d+"), "first frame"),
+)
+
+
+def decoding_kind(image: Image.Image) -> str:
+    """:func:`describe_decoding` without the numbers particular to one image (its rescale, its min/max, its frame
+    count), so that a conversion can count its images by rule; window settings and bit depths stay."""
+    rule = describe_decoding(image)
+    for pattern, replacement in _PER_IMAGE_DETAIL:
+        rule = pattern.sub(replacement, rule)
+    return rule
 
 
 def _tagged(image: Image.Image, rule: str) -> Image.Image:

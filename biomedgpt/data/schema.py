@@ -110,6 +110,11 @@ class ImageInfo(NamedTuple):
     format: str
     width: int
     height: int
+    decoding: str = ""  # the decoder's rule, e.g. "PNG I;16 grey scaled by 4095" (biomedgpt.data.images)
+
+
+# parse_row's note for a row's image: this prefix and the decoding rule (the converter counts them per rule).
+IMAGE_NOTE = "image: "
 
 
 class RowError(ValueError):
@@ -351,7 +356,7 @@ def verify_image(data: bytes, source: str = "<bytes>") -> ImageInfo:
     # Imported here: the images module pulls in torch, which kinds without images never need.
     from PIL import Image
 
-    from biomedgpt.data.images import decode_image, is_dicom
+    from biomedgpt.data.images import decode_image, decoding_kind, is_dicom
 
     if not data:
         raise RowError("undecodable_image", "image decodes to 0 bytes")
@@ -363,7 +368,7 @@ def verify_image(data: bytes, source: str = "<bytes>") -> ImageInfo:
         raise RowError("undecodable_image", f"cannot decode the image: {type(exc).__name__}: {exc}") from None
     fmt = "DICOM" if is_dicom(data) else image.format or _image_format(data)
     width, height = image.size
-    return ImageInfo(fmt, width, height)
+    return ImageInfo(fmt, width, height, decoding_kind(image))
 
 
 def _image_format(data: bytes) -> str:
@@ -547,7 +552,7 @@ def parse_row(
         texts.append(text)
 
     out: dict[str, Any] = {}
-    sizes: list[tuple[int, int]] = []  # (width, height) of the row's image
+    images: list[ImageInfo] = []  # the row's image, for the box checks and the decoding rule
     values = dict(zip(kind.field_names, texts))
     for fi, (spec, text) in enumerate(zip(kind.fields, texts)):
         col = selected_cols[fi]
@@ -557,12 +562,14 @@ def parse_row(
         if required and not text.strip():
             raise RowError("empty_required_field", f"field {spec.name!r} is empty", fi, col)
         try:
-            _parse_field(kind, spec, text, values, out, opts, f"line {source_line}", sizes)
+            _parse_field(kind, spec, text, values, out, opts, f"line {source_line}", images)
         except RowError as err:
             err.field_index, err.tsv_column = fi, col
             raise
-    if sizes:
-        _check_boxes(kind, out, selected_cols, sizes[0], opts, notes)
+    if images:
+        _check_boxes(kind, out, selected_cols, (images[0].width, images[0].height), opts, notes)
+        if notes is not None:
+            notes.append(IMAGE_NOTE + images[0].decoding)
     out["source_line"] = source_line
     return out
 
@@ -622,7 +629,7 @@ def _parse_field(
     out: dict[str, Any],
     opts: RowOptions,
     source: str,
-    sizes: list[tuple[int, int]],
+    images: list[ImageInfo],
 ) -> None:
     p = spec.parser
     if p == "text":
@@ -632,7 +639,7 @@ def _parse_field(
         if len(data) > opts.max_image_bytes:
             raise RowError("field_too_long", _too_long_image(len(data), opts))
         info = verify_image(data, source)
-        sizes.append((info.width, info.height))  # for the box checks once every field is parsed
+        images.append(info)  # for the box checks once every field is parsed
         out[spec.name] = data
     elif p == "codes":
         out[spec.name] = parse_codes(text)

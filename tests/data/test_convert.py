@@ -353,6 +353,11 @@ def test_dicom_in_an_image_column_is_kept_as_raw_bytes(tmp_path: Path, write_tsv
     assert _read_rows(tmp_path / "vqa")[1]["image"] == dicom
     convert(str(write_tsv(caption, name="cap.tsv")), "caption", str(tmp_path / "cap"))
     assert _read_rows(tmp_path / "cap")[0]["image"] == dicom
+    # The summary says how each image was decoded: the CT slice has no window, so the CT default applies.
+    assert summary.image_decodings == {
+        "PNG 8-bit RGB as stored": 1,
+        "DICOM MONOCHROME2 CT: rescale, no window in the file: CT default C=40 W=400, LINEAR": 1,
+    }
 
 
 def test_boxes_outside_the_image_are_rejected_or_clipped(
