@@ -142,7 +142,7 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
     notes = []
     try:
         vocab_size = len(load_tokenizer(config))
-    except (OSError, ValueError) as error:  # planning before the files are in place (--allow-missing-data)
+    except (OSError, ValueError, RuntimeError) as error:  # planning before the files are in place (or damaged)
         vocab_size = ORIGINAL_VOCAB_SIZE
         notes.append(f"({error}; assuming the original {ORIGINAL_VOCAB_SIZE:,}-token vocabulary)")
     with torch.device("meta"):

@@ -128,7 +128,7 @@ def _tokenizer(config: TrainConfig) -> tuple[int | None, list[InputProblem]]:
         return None, [InputProblem("data.tokenizer", value, f"does not exist; put there {GPT2_BPE_ADVICE}")]
     try:
         return len(BiomedGPTTokenizer.from_pretrained(value)), []
-    except (OSError, ValueError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: sentencepiece on a damaged spm.model
         return None, [
             InputProblem("data.tokenizer", value, f"cannot be loaded ({error}); it should hold {GPT2_BPE_ADVICE}")
         ]
@@ -165,11 +165,20 @@ def _init_from(value: str, vocab_size: int | None) -> list[InputProblem]:
 
 
 def uses_demo_tokenizer(config: TrainConfig) -> bool:
-    """Whether the run would train with the small tokenizer shipped for tests and the demo."""
-    from biomedgpt.tokenizer import default_tokenizer_dir
+    """Whether the run would train with the small tokenizer shipped for tests and the demo.
+
+    A copy of it (a model directory the demo saved, with the same ``spm.model``) counts when the model is built from
+    scratch, as its size then follows the vocabulary; a model to start from (``model.init_from``) fixes its own.
+    """
+    from biomedgpt.tokenizer import SPM_MODEL_NAME, default_tokenizer_dir
 
     value = config.data.tokenizer
-    return not value or Path(value).resolve() == default_tokenizer_dir().resolve()
+    if not value or Path(value).resolve() == default_tokenizer_dir().resolve():
+        return True
+    if config.model.init_from:
+        return False
+    copy, bundled = Path(value) / SPM_MODEL_NAME, default_tokenizer_dir() / SPM_MODEL_NAME
+    return copy.is_file() and copy.read_bytes() == bundled.read_bytes()
 
 
 def demo_tokenizer_problem(config: TrainConfig) -> InputProblem | None:

@@ -102,8 +102,9 @@ def test_base64_accepts_both_alphabets_and_rejects_garbage() -> None:
 
 
 def test_verify_image(tsvkit: Any) -> None:
-    assert verify_image(tsvkit.image_bytes(3)) == ("PNG", 8, 8)
-    assert verify_image(tsvkit.image_bytes(3, size=32, fmt="JPEG")) == ("JPEG", 32, 32)
+    info = verify_image(tsvkit.image_bytes(3))
+    assert info[:3] == ("PNG", 8, 8) and info.decoding == "PNG 8-bit RGB as stored"
+    assert verify_image(tsvkit.image_bytes(3, size=32, fmt="JPEG"))[:3] == ("JPEG", 32, 32)
     assert verify_image(tsvkit.image_bytes(3, size=16, fmt="GIF")).format == "GIF"  # palette: an RGB copy decoded
     for bad in (b"", b"not an image at all", tsvkit.image_bytes(3, size=64, fmt="JPEG")[:300]):
         with pytest.raises(RowError) as info:
@@ -324,7 +325,7 @@ def test_clip_boxes_option_clips_and_notes_the_row(tsvkit: Any) -> None:
     row = parse_row(spec, line, cols, 3, 1, options=RowOptions(clip_boxes=True), notes=notes)
     assert [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in row["boxes"]] == [(1, 2, 8, 6), (0, 0, 3, 3)]
     assert row["label"] == "1,2,20,6,1,liver&&0,0,3,3,2,bone"  # the text is kept verbatim
-    assert notes == ["box_clipped"]
+    assert notes == ["box_clipped", "image: PNG 8-bit RGB as stored"]
     # Nothing of the box is inside the image: rejected even when clipping.
     for label in ("8,0,12,4,1,liver", "0,9,4,12,1,liver"):
         outside = "\t".join(_detection(tsvkit, label)).encode()
@@ -345,6 +346,6 @@ def test_visual_grounding_region_must_lie_inside_the_image(tsvkit: Any) -> None:
     row = parse_row(
         spec, "\t".join(vg).encode(), spec.default_selected_cols, 8, 1, options=RowOptions(clip_boxes=True), notes=notes
     )
-    assert row["box"] == [1.0, 2.0, 8.0, 8.0] and notes == ["box_clipped"]
+    assert row["box"] == [1.0, 2.0, 8.0, 8.0] and notes == ["box_clipped", "image: PNG 8-bit RGB as stored"]
     # Caption and qa rows carry no box, so the image size does not matter to them.
     assert _row("vision_language", tsvkit.good_row("vision_language", 1))["answers"] == ["yes", "no"]

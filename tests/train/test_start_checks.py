@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,23 @@ def test_the_demo_tokenizer_is_refused_outside_the_demo_unless_opted_in(preset, 
     captured = capsys.readouterr()
     assert "WARNING: data.allow_demo_tokenizer=true: training with the bundled 12,193-id demo tokenizer" in captured.err
     assert f"vocabulary {len(BiomedGPTTokenizer.default()):,}" in captured.out
+
+
+def test_a_copy_of_the_demo_tokenizer_is_the_demo_tokenizer_for_a_model_built_from_scratch(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "demo_out" / "model"  # where the demo's consolidated model keeps its tokenizer
+    BiomedGPTTokenizer.default().save_pretrained(copy)
+    args = ["--config", "pretrain_xlarge", "--dry-run", "--allow-missing-data", f"data.tokenizer={copy}"]
+    assert main(args) == 2
+    assert "the bundled 12,193-id demo tokenizer would be used" in capsys.readouterr().err
+    # Another SentencePiece model is not the demo's (this one does not even load, which is another error).
+    other = tmp_path / "other"
+    shutil.copytree(copy, other)
+    (other / "spm.model").write_bytes((copy / "spm.model").read_bytes() + b"\0")
+    main([*args[:-1], f"data.tokenizer={other}"])
+    assert "the bundled 12,193-id demo tokenizer would be used" not in capsys.readouterr().err
 
 
 def test_the_demo_preset_uses_the_demo_tokenizer_without_a_warning(data_root, monkeypatch, capsys):
