@@ -64,12 +64,15 @@ def filesystem_type(path: Path, mounts: Path = Path("/proc/mounts")) -> str | No
 
 def sqlite_store_warning(tracking_uri: str, mounts: Path = Path("/proc/mounts")) -> str | None:
     """A warning when an SQLite MLflow store lies on a network filesystem, else None."""
-    if not tracking_uri.startswith("sqlite:///"):
+    from biomedgpt.tracking.uris import sqlite_database
+
+    try:
+        database = sqlite_database(tracking_uri)
+    except ValueError:  # a malformed URI is the tracker's to report
         return None
-    database = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-    if not database or database == ":memory:":
+    if database is None:
         return None
-    kind = filesystem_type(Path(database).parent, mounts)
+    kind = filesystem_type(database.parent, mounts)
     if kind not in NETWORK_FILESYSTEMS:
         return None
     return (
@@ -97,18 +100,13 @@ def experiment_id(client, name: str, tracking_uri: str) -> str:
     """The experiment, created as the trainer's tracker creates it (artifacts next to an SQLite database)."""
     from mlflow.exceptions import MlflowException
 
-    from biomedgpt.tracking.params import sanitize_key
+    from biomedgpt.tracking.mlflow_tracker import artifact_location
 
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        db = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-        if db and db != ":memory:":
-            location = (Path(db).resolve().parent / "mlruns" / sanitize_key(name).replace("/", "_")).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri, name))
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -27,7 +27,7 @@ biomedgpt_node_main() {
         exec "$BIOMEDGPT_PYTHON" -m torch.distributed.run \
             --nnodes="$NNODES" --nproc_per_node="$PROCS_PER_NODE" \
             --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
-            --max_restarts=0 "${extra[@]}" \
+            --max_restarts=0 ${extra[@]+"${extra[@]}"} \
             -m "$MODULE" "${BIOMEDGPT_ARGS[@]}"
     ) &
     child=$!
@@ -133,7 +133,7 @@ biomedgpt_batch_main() {
     trap 'biomedgpt_on_signal TERM' TERM
 
 
-    "${container[@]}" "$BIOMEDGPT_PYTHON" -c \
+    ${container[@]+"${container[@]}"} "$BIOMEDGPT_PYTHON" -c \
         'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "$MODULE" 2>/dev/null ||
         biomedgpt_die "python module $MODULE is not installed in ${container[*]} $BIOMEDGPT_PYTHON"
 
@@ -141,7 +141,7 @@ biomedgpt_batch_main() {
     if [[ $MODE == train ]]; then
         local prep key value
         # shellcheck disable=SC2086  # split like the ranks split it
-        prep=$("${container[@]}" "$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" --mlflow --check-inputs \
+        prep=$(${container[@]+"${container[@]}"} "$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" --mlflow --check-inputs \
             $BIOMEDGPT_ARGS_STR) ||
             biomedgpt_die "the run config does not resolve or names inputs that are missing (message above); nothing was started"
         while IFS='=' read -r key value; do
@@ -167,7 +167,7 @@ biomedgpt_batch_main() {
         biomedgpt_log "signalled before the step started; not starting it"
     else
         srun --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
-            "${srun_args[@]}" "${container[@]}" bash "$launch_sh" node &
+            ${srun_args[@]+"${srun_args[@]}"} ${container[@]+"${container[@]}"} bash "$launch_sh" node &
         BIOMEDGPT_SRUN_PID=$!
         while :; do
             rc=0
@@ -181,7 +181,7 @@ biomedgpt_batch_main() {
     if [[ $BIOMEDGPT_SIGNALLED == USR1 && $rc -eq 0 && $MODE == train ]]; then
         local prep_after
         # shellcheck disable=SC2086
-        prep_after=$("${container[@]}" "$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" $BIOMEDGPT_ARGS_STR)
+        prep_after=$(${container[@]+"${container[@]}"} "$BIOMEDGPT_PYTHON" "$REPO_DIR/slurm/job_prep.py" $BIOMEDGPT_ARGS_STR)
         latest_step=$(sed -n 's/^latest_step=//p' <<<"$prep_after")
         if ((latest_step >= max_steps)); then
             biomedgpt_log "training finished (step $latest_step) before the signal took effect; not requeueing"

@@ -36,6 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from biomedgpt.tracking.uris import sqlite_database
+
 if TYPE_CHECKING:  # heavy imports stay lazy so ``biomedgpt-compare --help`` is instant
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
@@ -286,12 +288,14 @@ def open_client(tracking_uri: str, *, timeout_s: float = 5.0) -> MlflowClient:
     if base in ("http", "https"):
         _check_http_server(tracking_uri, shown, timeout_s)
     elif base == "sqlite":
-        rest = tracking_uri.split(":", 1)[1]
-        if not rest.startswith("///"):
-            raise CompareError(f"bad SQLite URI {shown}: expected sqlite:///relative/path.db or sqlite:////abs/path.db")
-        location = urllib.parse.unquote(rest[3:].split("?", 1)[0])
-        if location not in ("", ":memory:"):
-            _check_sqlite_store(Path(location), shown)
+        try:
+            database = sqlite_database(tracking_uri)
+        except ValueError:
+            raise CompareError(
+                f"bad SQLite URI {shown}: expected sqlite:///relative/path.db or sqlite:////abs/path.db"
+            ) from None
+        if database is not None:
+            _check_sqlite_store(database, shown)
     elif scheme in ("", "file"):
         _check_file_store(tracking_uri, shown)
     elif base not in TRACKING_SCHEMES and scheme not in _plugin_schemes():

@@ -54,9 +54,11 @@ from biomedgpt.tracking.params import (
     sanitize_key,
     stringify_value,
 )
+from biomedgpt.tracking.uris import sqlite_database
 
 __all__ = [
     "DEFAULT_DB_NAME",
+    "artifact_location",
     "MLflowTracker",
     "RunStatus",
     "TrackingWarning",
@@ -97,6 +99,15 @@ def default_tracking_uri(cwd: str | os.PathLike[str] | None = None) -> str:
     if env:
         return env
     return f"sqlite:///{Path(cwd if cwd is not None else os.getcwd()).resolve() / DEFAULT_DB_NAME}"
+
+
+def artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to an SQLite database (not in whatever directory a job
+    happened to start in), else the store's default (None)."""
+    database = sqlite_database(tracking_uri)
+    if database is None:
+        return None
+    return (database.resolve().parent / "mlruns" / sanitize_key(experiment_name).replace("/", "_")).as_uri()
 
 
 def process_rank() -> int:
@@ -598,13 +609,7 @@ class MLflowTracker:
             if exp.lifecycle_stage != "active":
                 client.restore_experiment(exp.experiment_id)  # a name stays taken after deletion
             return exp.experiment_id
-        location = None
-        if self._tracking_uri.startswith("sqlite:///"):
-            # Artifacts next to the database, not in whatever directory this job happened to start in.
-            db = self._tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-            if db and db != ":memory:":
-                base = Path(db).resolve().parent
-                location = (base / "mlruns" / sanitize_key(self.experiment_name).replace("/", "_")).as_uri()
+        location = artifact_location(self._tracking_uri, self.experiment_name)
         try:
             return client.create_experiment(self.experiment_name, artifact_location=location)
         except MlflowException as exc:
