@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from biomedgpt import BiomedGPTConfig
@@ -31,3 +32,17 @@ def small_test_config(
         settings.update(encoder_ffn_dim=ffn_dim, decoder_ffn_dim=ffn_dim)
     settings.update(overrides)
     return BiomedGPTConfig.for_size("tiny", **settings)
+
+
+def save_small_model(out: Path, d_model: int, heads: int) -> Path:
+    """A one-layer model of width ``d_model`` with the bundled tokenizer, saved to ``out`` (seeded: same weights)."""
+    import torch
+
+    from biomedgpt import BiomedGPTForConditionalGeneration, BiomedGPTTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = BiomedGPTTokenizer.default()
+    config = small_test_config(d_model, layers=1, heads=heads, ffn_dim=2 * d_model, vocab_size=len(tokenizer))
+    BiomedGPTForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -8,36 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_configs import save_small_model
 from PIL import Image
 
 from biomedgpt.cli.generate import Generator, main
-from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
-from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 IMAGE_SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    tok = BiomedGPTTokenizer.default()
-    config = BiomedGPTConfig.for_size(
-        "tiny",
-        vocab_size=len(tok),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-    )
-    out = tmp_path_factory.mktemp("model")
-    BiomedGPTForConditionalGeneration(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_small_model(tmp_path_factory.mktemp("model"), d_model=32, heads=2)
 
 
 def _png(path: Path, seed: int) -> Path:

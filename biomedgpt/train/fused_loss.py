@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from biomedgpt.train.loss import LossOutput, kept_token_count
+from biomedgpt.train.loss import LossOutput, kept_token_count, summed_loss_output
 
 DEFAULT_CHUNK_SIZE = 1024  # 1,024 x 59,457 fp32 logits = 232 MiB per chunk buffer
 
@@ -205,16 +205,4 @@ def fused_label_smoothed_cross_entropy(
     if kept < loss.shape[0]:
         loss, indices = torch.topk(loss, kept, largest=False, sorted=False)
         nll, example_of_token = nll[indices], example_of_token[indices]
-    per_example = torch.zeros(batch, dtype=loss.dtype, device=loss.device).index_add_(
-        0, example_of_token, loss.detach()
-    )
-    per_example_tokens = torch.zeros(batch, dtype=torch.long, device=loss.device).index_add_(
-        0, example_of_token, torch.ones_like(example_of_token)
-    )
-    return LossOutput(
-        loss=loss.sum(),
-        nll_loss=nll.sum(),
-        ntokens=int(loss.shape[0]),
-        per_example=per_example,
-        per_example_tokens=per_example_tokens,
-    )
+    return summed_loss_output(loss, nll, example_of_token, batch)

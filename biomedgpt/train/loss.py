@@ -75,8 +75,16 @@ def label_smoothed_cross_entropy(
     if kept < loss.shape[0]:
         loss, indices = torch.topk(loss, kept, largest=False, sorted=False)
         nll, example_of_token = nll[indices], example_of_token[indices]
-    per_example = torch.zeros(target.shape[0], device=loss.device).index_add_(0, example_of_token, loss.detach())
-    per_example_tokens = torch.zeros(target.shape[0], dtype=torch.long, device=loss.device).index_add_(
+    return summed_loss_output(loss, nll, example_of_token, target.shape[0])
+
+
+def summed_loss_output(loss: torch.Tensor, nll: torch.Tensor, example_of_token: torch.Tensor, batch: int) -> LossOutput:
+    """The :class:`LossOutput` of the kept tokens' losses ``loss`` and ``nll`` [N], ``example_of_token`` [N] saying
+    which of the ``batch`` examples each token belongs to (shared by the plain and the fused loss)."""
+    per_example = torch.zeros(batch, dtype=loss.dtype, device=loss.device).index_add_(
+        0, example_of_token, loss.detach()
+    )
+    per_example_tokens = torch.zeros(batch, dtype=torch.long, device=loss.device).index_add_(
         0, example_of_token, torch.ones_like(example_of_token)
     )
     return LossOutput(

@@ -6,39 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+from model_configs import save_small_model
 
 from biomedgpt.cli.evaluate import main as eval_main
 from biomedgpt.cli.generate import main as generate_main
 from biomedgpt.data.finetune_tasks import NLI_ANSWERS
 from biomedgpt.demo import prepare_demo_data
 from biomedgpt.evaluation.runner import EvaluationError, evaluate, load_answer_list
-from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
-from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 IMAGE_SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    tok = BiomedGPTTokenizer.default()
-    config = BiomedGPTConfig.for_size(
-        "tiny",
-        vocab_size=len(tok),
-        d_model=64,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-    )
-    out = tmp_path_factory.mktemp("model")
-    BiomedGPTForConditionalGeneration(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_small_model(tmp_path_factory.mktemp("model"), d_model=64, heads=4)
 
 
 @pytest.fixture(scope="module")
