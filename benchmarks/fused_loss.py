@@ -34,31 +34,16 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from biomedgpt.train.fused_loss import DEFAULT_CHUNK_SIZE, fused_label_smoothed_cross_entropy
 from biomedgpt.train.loss import LossOutput, label_smoothed_cross_entropy
+from biomedgpt.train.memory_profile import peak_allocated_bytes
 
 GIB = 2**30
-
-
-def peak_allocated_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """``fn()``'s result and the peak CPU bytes allocated while it ran, above what was allocated when it started."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.typed[0] == torch._C._profiler._EventType.Allocation:
-            # total_allocated counts from the profiler's start, so the inputs allocated before are not in it
-            peak = max(peak, node.typed[1].total_allocated)
-        stack.extend(node.children)
-    return result, peak
 
 
 def max_rss_bytes() -> int:

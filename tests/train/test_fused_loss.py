@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from biomedgpt.train.fused_loss import fused_label_smoothed_cross_entropy
 from biomedgpt.train.loss import kept_token_count, label_smoothed_cross_entropy
+from biomedgpt.train.memory_profile import peak_allocated_bytes
 
 PAD = 1
 
@@ -223,20 +223,6 @@ def test_no_tensor_of_tokens_times_vocabulary_is_ever_allocated(with_masks):
     assert fused_probe.largest == max(32 * vocab, weight.numel())
 
 
-def peak_allocated_bytes(fn) -> int:
-    """Peak of CPU bytes allocated while ``fn`` runs, above what was allocated before, from the allocator events
-    torch's profiler records (tracemalloc does not see torch's allocations)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.typed[0] == torch._C._profiler._EventType.Allocation:
-            peak = max(peak, node.typed[1].total_allocated)
-        stack.extend(node.children)
-    return peak
-
-
 def test_peak_memory_at_the_full_vocabulary_stays_under_half_of_one_logits_tensor():
     vocab, tokens, dim, chunk = 59_457, 1024, 64, 128
     gen = torch.Generator().manual_seed(0)
@@ -252,7 +238,7 @@ def test_peak_memory_at_the_full_vocabulary_stays_under_half_of_one_logits_tenso
         out.loss.backward()
 
     logits_bytes = tokens * vocab * 4
-    peak = peak_allocated_bytes(step)
+    _, peak = peak_allocated_bytes(step)
     # the weight gradient (15 MB) plus a few [chunk, V] buffers (30 MB each); the plain loss's peak is several
     # fp32 [tokens, V] tensors (benchmarks/fused_loss.py measures it)
     assert weight.numel() * 4 < peak < logits_bytes / 2
