@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Before the process group and DeepSpeed's op builds: a wrong path fails in seconds, not minutes.
         check_inputs(config, hint=START_HINT)
+        from biomedgpt.train.engine import check_attention_backend
+
+        check_attention_backend(config)
         if single_rank_environment(os.environ):
             print(f"biomedgpt-train: {SINGLE_RANK_NOTE}", file=sys.stderr, flush=True)
         from biomedgpt.data.distributed_env import detect_distributed_env

@@ -22,7 +22,8 @@ ModelSize = Literal["tiny", "medium", "base", "large", "xlarge"]
 class ModelSection:
     size: ModelSize = "tiny"
     init_from: str | None = None  # a Hugging Face model directory (consolidated or imported) to start from
-    attention_backend: Literal["sdpa", "reference"] = "sdpa"
+    # triton: the fused kernels of biomedgpt.kernels (CUDA GPUs; on CPU only under TRITON_INTERPRET=1, for tests)
+    attention_backend: Literal["sdpa", "reference", "triton"] = "sdpa"
     resnet_norm: Literal["batch", "frozen", "sync"] = "batch"
     dropout: float = 0.1
     encoder_drop_path_rate: float = 0.1

@@ -98,6 +98,26 @@ def resolve_deepspeed_config(config: TrainConfig, world_size: int, cuda: bool | 
     return ds
 
 
+def check_attention_backend(config: TrainConfig, cuda: bool | None = None) -> None:
+    """Refuse, before any process group starts, an attention backend this machine cannot run (a ValueError naming
+    ``model.attention_backend`` and the fix); the kernels themselves would fail only at the first forward."""
+    if config.model.attention_backend != "triton":
+        return
+    from biomedgpt.kernels.attention import interpreting, triton_available
+
+    if not triton_available():
+        raise ValueError(
+            "model.attention_backend=triton needs the triton package (pip install triton; CUDA builds of torch ship "
+            "it); set model.attention_backend=sdpa on this machine"
+        )
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda and not interpreting():
+        raise ValueError(
+            "model.attention_backend=triton runs its kernels on CUDA GPUs and there is none here; on CPU they run "
+            "only under Triton's interpreter (TRITON_INTERPRET=1, slow, for tests); set model.attention_backend=sdpa"
+        )
+
+
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
@@ -184,6 +204,7 @@ def initialize_engine(
     """The DeepSpeed engine (model, optimizer and schedule wrapped) and the resolved DeepSpeed config."""
     import deepspeed
 
+    check_attention_backend(config)
     ds_config = resolve_deepspeed_config(config, context.world_size)
     model = build_model(config, tokenizer, ds_config)
     optimizer = build_optimizer(model, config, ds_config)

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 
 from biomedgpt.config_utils import ConfigError, load_config
@@ -92,3 +94,22 @@ def test_fine_tuning_recipes_and_validation_settings_are_checked():
         finetune("finetune_caption", "optim.drop_worst_ratio=1.0")
     with pytest.raises(ValueError, match=r"ema.decay=1.0 must lie in \(0, 1\)"):
         finetune("finetune_vqa", "ema.decay=1.0")
+
+
+def test_the_triton_backend_is_checked_at_start_and_named_in_the_error(monkeypatch):
+    from biomedgpt.train.engine import check_attention_backend
+
+    config = demo("model.attention_backend=triton")
+    assert config.model.attention_backend == "triton"
+    check_attention_backend(demo(), cuda=False)  # sdpa needs nothing
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton runs its kernels on CUDA GPUs.*TRITON_INTERPRET"):
+        check_attention_backend(config, cuda=False)
+    check_attention_backend(config, cuda=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_attention_backend(config, cuda=False)  # the interpreter runs the kernels on CPU
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    with pytest.raises(ValueError, match="needs the triton package.*model.attention_backend=sdpa"):
+        check_attention_backend(config, cuda=True)
+    with pytest.raises(ConfigError, match="attention_backend"):
+        demo("model.attention_backend=flash")
