@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,35 @@ from biomedgpt.model.resnet import FrozenBatchNorm2d, ResNetBackbone
 # One decoder layer's cache: self-attention keys, values, then the encoder's projected keys, values.
 LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 DecoderCache = tuple[LayerCache, ...]
+# A training loss computed from the decoder's final states [B, T, d] and the tied output-projection weight [V, d]
+# instead of from logits (a fused loss that never holds [B, T, V]); it returns tensors only, so that ZeRO-3's hooks
+# see them (DeepSpeed runtime/zero/parameter_offload.py walks tuples, lists, dicts and tensors).
+HiddenStateLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+@dataclass
+class BiomedGPTHiddenStateLossOutput(ModelOutput):
+    """What ``forward(..., hidden_state_loss=f)`` returns: ``f``'s tensors, no logits."""
+
+    loss_parts: tuple[torch.Tensor, ...] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+
+
+class TiedOutputProjection(nn.Linear):
+    """The output projection, whose weight is the shared embedding; with ``hidden_state_loss`` it returns that
+    loss of its input and weight instead of logits.
+
+    Computing the loss inside this module's forward is what makes it work under ZeRO-3: the partitioned weight is
+    gathered only while a module owning it runs, and again in backward when the gradient reaches that module's
+    outputs (the loss's tensors here), so the loss's own backward sees the whole weight.
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, hidden_state_loss: HiddenStateLoss | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if hidden_state_loss is None:
+            return super().forward(x)
+        return tuple(hidden_state_loss(x, self.weight))
 
 
 @dataclass
@@ -271,7 +301,7 @@ class BiomedGPTDecoder(nn.Module):
         rates = torch.linspace(0, config.decoder_drop_path_rate, config.decoder_layers, device="cpu").tolist()
         self.layers = nn.ModuleList(DecoderLayer(config, rate) for rate in rates)
         self.layer_norm = layer_norm(dim, eps)
-        self.output_projection = nn.Linear(dim, config.vocab_size, bias=False)
+        self.output_projection = TiedOutputProjection(dim, config.vocab_size, bias=False)
         self.output_projection.weight = embed_tokens.weight
         self.token_rel_pos_table_list = nn.ModuleList(
             nn.Embedding(2 * config.token_bucket_size - 1, heads) for _ in range(config.decoder_layers)
@@ -370,10 +400,12 @@ class BiomedGPTDecoder(nn.Module):
         code_masks: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, DecoderCache | None, tuple[torch.Tensor, ...] | None]:
+        hidden_state_loss: HiddenStateLoss | None = None,
+    ) -> tuple[Any, DecoderCache | None, tuple[torch.Tensor, ...] | None]:
         """input_ids [B,T]: the whole prefix, or only the new steps when ``past_key_values`` is given.
 
-        Returns logits [B,T,V], the updated cache and optionally the hidden states.
+        Returns logits [B,T,V] (with ``hidden_state_loss``: that loss's tensors instead), the updated cache and
+        optionally the hidden states.
         """
         batch, new_len = input_ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -445,7 +477,9 @@ class BiomedGPTDecoder(nn.Module):
         x = self.layer_norm(x)
         if output_hidden_states:
             hidden_states.append(x)
-        logits = self.output_projection(x)
+        # Keyword, not positional: ZeRO-3's forward pre-hooks see positional inputs only, and a callable there
+        # would draw DeepSpeed's "unknown inputs type" warning.
+        logits = self.output_projection(x, hidden_state_loss=hidden_state_loss)
         return logits, (tuple(presents) if use_cache else None), (tuple(hidden_states) or None)
 
 
@@ -633,9 +667,14 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
         return_dict: bool | None = None,
         sample_patch_num: int | None = None,
         patch_indices: torch.Tensor | None = None,
-    ) -> Seq2SeqLMOutput:
+        hidden_state_loss: HiddenStateLoss | None = None,
+    ) -> Seq2SeqLMOutput | BiomedGPTHiddenStateLossOutput:
         """``labels`` [B,T] (pad or -100 ignored) give a token-mean cross entropy; training code applies its own
-        label smoothing and weighting on the logits. ``patch_indices`` / ``sample_patch_num``: see ``encode``."""
+        label smoothing and weighting on the logits. ``patch_indices`` / ``sample_patch_num``: see ``encode``.
+
+        ``hidden_state_loss(states, weight)``: training with a fused loss; called on the decoder's final states and
+        the tied output weight inside the output projection, it replaces the logits (the result is a
+        :class:`BiomedGPTHiddenStateLossOutput`; ``labels`` are not used then)."""
         output_hidden_states = bool(output_hidden_states)
         if encoder_outputs is None:
             if input_ids is None:
@@ -662,7 +701,12 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
             code_masks,
             decoder_attention_mask,
             output_hidden_states,
+            hidden_state_loss,
         )
+        if hidden_state_loss is not None:
+            return BiomedGPTHiddenStateLossOutput(
+                loss_parts=logits, encoder_last_hidden_state=encoder_outputs.last_hidden_state
+            )
         loss = None
         if labels is not None:
             targets = labels.masked_fill(labels.eq(self.config.pad_token_id), -100)

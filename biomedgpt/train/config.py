@@ -94,6 +94,11 @@ class OptimSection:
     # left out of the loss (the original's --drop-worst-ratio/--drop-worst-after, 0.2/600 for PEIR Gross).
     drop_worst_ratio: float = 0.0
     drop_worst_after: int = 0
+    # Training loss fused with the tied output projection (biomedgpt/train/fused_loss.py): logits for at most
+    # fused_loss_chunk_size target tokens exist at a time instead of [B, T, V]; same losses and gradients.
+    # Validation and generation always compute real logits.
+    fused_loss: bool = False
+    fused_loss_chunk_size: int = 1024
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -108,6 +113,10 @@ class OptimSection:
             raise ValueError(f"drop_worst_ratio={self.drop_worst_ratio} must lie in [0, 1)")
         if self.drop_worst_after < 0:
             raise ValueError(f"drop_worst_after={self.drop_worst_after} must be >= 0")
+        if isinstance(self.fused_loss_chunk_size, bool) or self.fused_loss_chunk_size < 1:
+            raise ValueError(
+                f"optim.fused_loss_chunk_size={self.fused_loss_chunk_size} must be a positive number of target tokens"
+            )
 
     def drop_worst_ratio_at(self, completed_steps: int) -> float:
         """The share of tokens dropped in the update after ``completed_steps`` updates."""

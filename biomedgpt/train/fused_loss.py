@@ -206,3 +206,23 @@ def fused_label_smoothed_cross_entropy(
         loss, indices = torch.topk(loss, kept, largest=False, sorted=False)
         nll, example_of_token = nll[indices], example_of_token[indices]
     return summed_loss_output(loss, nll, example_of_token, batch)
+
+
+def fused_loss_parts(hidden: torch.Tensor, weight: torch.Tensor, **loss_args: object) -> tuple[torch.Tensor, ...]:
+    """:func:`fused_label_smoothed_cross_entropy` as tensors only (loss, nll_loss, per_example, per_example_tokens):
+    the form a model's ``hidden_state_loss`` returns through the output projection, where ZeRO-3's hooks must see
+    every output (``functools.partial(fused_loss_parts, target=..., ...)`` is such a loss)."""
+    out = fused_label_smoothed_cross_entropy(hidden, weight, **loss_args)  # type: ignore[arg-type]
+    return out.loss, out.nll_loss, out.per_example, out.per_example_tokens
+
+
+def loss_output_from_parts(parts: tuple[torch.Tensor, ...]) -> LossOutput:
+    """The :class:`LossOutput` of :func:`fused_loss_parts`' tensors."""
+    loss, nll_loss, per_example, per_example_tokens = parts
+    return LossOutput(
+        loss=loss,
+        nll_loss=nll_loss,
+        ntokens=int(per_example_tokens.sum()),
+        per_example=per_example,
+        per_example_tokens=per_example_tokens,
+    )

@@ -8,6 +8,7 @@ pretraining (the original's two sub-batches), ``L / ntok`` for fine-tuning.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -33,6 +34,7 @@ from biomedgpt.train.collectives import all_reduce
 from biomedgpt.train.config import TrainConfig
 from biomedgpt.train.engine import DistributedContext, init_distributed, initialize_engine, load_tokenizer
 from biomedgpt.train.flops import forward_flops, training_flops
+from biomedgpt.train.fused_loss import fused_loss_parts, loss_output_from_parts
 from biomedgpt.train.loss import kept_token_count, label_smoothed_cross_entropy
 from biomedgpt.train.metrics import (
     device_peak_tflops,
@@ -130,16 +132,23 @@ class Trainer:
     def _forward_loss(self, batch: dict[str, Any], drop_worst_ratio: float = 0.0) -> Any:
         batch = self._to_device(batch)
         inputs = {key: batch[key] for key in MODEL_INPUTS if batch.get(key) is not None}
-        output = self.engine(**inputs)
-        return label_smoothed_cross_entropy(
-            output.logits,
-            batch["target"],
+        loss_args = dict(
             epsilon=self.config.optim.label_smoothing,
             padding_idx=self.tokenizer.pad_id,
             example_weights=batch["weights"],
-            constraint_masks=batch.get("constraint_masks"),
+            constraint_masks=batch.get("constraint_masks"),  # the fused loss applies them chunk by chunk
             drop_worst_ratio=drop_worst_ratio,
         )
+        if self.config.optim.fused_loss:
+            # Computed inside the model's output projection (see TiedOutputProjection): no [B, T, V] logits.
+            hidden_state_loss = functools.partial(
+                fused_loss_parts, target=batch["target"], chunk_size=self.config.optim.fused_loss_chunk_size,
+                **loss_args,
+            )  # fmt: skip
+            output = self.engine(**inputs, hidden_state_loss=hidden_state_loss)
+            return loss_output_from_parts(output.loss_parts)
+        output = self.engine(**inputs)
+        return label_smoothed_cross_entropy(output.logits, batch["target"], **loss_args)
 
     def _next_micro_batches(self, count: int) -> list[Any]:
         batches = []
