@@ -29,6 +29,9 @@ class ModelSection:
     encoder_drop_path_rate: float = 0.1
     decoder_drop_path_rate: float = 0.1
     freeze_embedding: bool = False  # fine-tuning recipes freeze the shared embedding (and so the LM head)
+    # Recompute activations in backward instead of keeping them: none, each encoder/decoder layer, or the layers
+    # and each ResNet stage (biomedgpt/train/activation_checkpointing.py). Same losses and gradients, less memory.
+    activation_checkpointing: Literal["none", "layers", "layers+resnet"] = "none"
 
     def __post_init__(self) -> None:
         if self.size not in get_args(ModelSize):

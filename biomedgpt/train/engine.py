@@ -153,6 +153,9 @@ def build_model(config: TrainConfig, tokenizer: BiomedGPTTokenizer, ds_config: d
         model = BiomedGPTForConditionalGeneration(model_config_for(config, len(tokenizer)))
     if config.model.freeze_embedding:
         model.set_embedding_trainable(False)
+    from biomedgpt.train.activation_checkpointing import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, config.model.activation_checkpointing)
     return model
 
 
