@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,24 @@ def apex_fused_layer_norm() -> type[nn.Module] | None:
     return FusedLayerNorm
 
 
+_apex_layer_norm_allowed = True
+
+
+@contextlib.contextmanager
+def apex_layer_norm_allowed(allowed: bool) -> Iterator[None]:
+    """Models built inside this block use apex's FusedLayerNorm (when present) only if ``allowed``; training's
+    ``model.apex_layer_norm`` switch. Same parameters and values either way, so checkpoints do not care."""
+    global _apex_layer_norm_allowed
+    previous, _apex_layer_norm_allowed = _apex_layer_norm_allowed, allowed
+    try:
+        yield
+    finally:
+        _apex_layer_norm_allowed = previous
+
+
 def layer_norm(dim: int, eps: float = 1e-5) -> nn.Module:
     """LayerNorm whose parameters are named ``weight``/``bias`` whichever implementation runs."""
-    fused = apex_fused_layer_norm()
+    fused = apex_fused_layer_norm() if _apex_layer_norm_allowed else None
     return fused(dim, eps=eps) if fused is not None else nn.LayerNorm(dim, eps=eps)
 
 

@@ -1,6 +1,6 @@
-"""Activation checkpointing applied to a built model from outside its code (as torchtitan's ``apply_ac`` does):
-each encoder and decoder layer, and with ``layers+resnet`` each ResNet stage, keeps only its inputs in forward and
-recomputes its activations in backward.
+"""Activation checkpointing (and optional ``torch.compile``) applied to a built model from outside its code, as
+torchtitan's ``apply_ac`` does: each encoder and decoder layer, and with ``layers+resnet`` each ResNet stage, keeps
+only its inputs in forward and recomputes its activations in backward.
 
 The modules are not wrapped (``checkpoint_wrapper`` would insert ``_checkpoint_wrapped_module`` into every parameter
 name, which ZeRO-3 checkpoints, ``zero_to_fp32`` and the consolidated model would then carry); their ``forward`` is
@@ -87,4 +87,14 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> list[str]:
         names += [f"encoder.embed_images.layer{stage}" for stage in (1, 2, 3)]
     for name in names:
         checkpoint_module(model.get_submodule(name))
+    return names
+
+
+def compile_layers(model: nn.Module) -> list[str]:
+    """``torch.compile`` each encoder/decoder layer in place (``nn.Module.compile``: parameter names and hooks stay
+    as they are); returns the compiled modules' names. Applied after checkpointing, so a checkpointed layer runs
+    its compiled forward inside the checkpoint."""
+    names = [f"{part}.layers.{i}" for part in ("encoder", "decoder") for i in range(len(getattr(model, part).layers))]
+    for name in names:
+        model.get_submodule(name).compile()
     return names

@@ -32,6 +32,10 @@ class ModelSection:
     # Recompute activations in backward instead of keeping them: none, each encoder/decoder layer, or the layers
     # and each ResNet stage (biomedgpt/train/activation_checkpointing.py). Same losses and gradients, less memory.
     activation_checkpointing: Literal["none", "layers", "layers+resnet"] = "none"
+    # torch.compile of each encoder/decoder layer (off by default: first steps pay the compilation, and the layers'
+    # ZeRO-3 hooks break the graphs); apex's FusedLayerNorm on GPUs where apex is installed (else torch LayerNorm).
+    compile_layers: bool = False
+    apex_layer_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in get_args(ModelSize):
@@ -102,6 +106,7 @@ class OptimSection:
     # Validation and generation always compute real logits.
     fused_loss: bool = False
     fused_loss_chunk_size: int = 1024
+    fused_adam: bool = True  # DeepSpeed's FusedAdam on GPUs (false: torch AdamW); CPU runs use torch AdamW
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

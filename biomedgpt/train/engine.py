@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,14 @@ def resolve_deepspeed_config(config: TrainConfig, world_size: int, cuda: bool | 
     if offload not in (None, "none") and not cuda:
         raise ValueError(f"{path} offloads the optimizer to CPU, which needs a GPU run; use zero3_cpu.json on CPU")
     if bf16 and not cuda:
-        raise ValueError("precision=bf16 needs a GPU; on CPU use precision=fp32 with ds_configs/zero3_cpu.json")
+        # DeepSpeed's CPU accelerator supports bf16 (bf16 module weights, fp32 master partitions in the optimizer):
+        # correct, but CPUs without bf16 matrix units run it slower than fp32.
+        warnings.warn(
+            "precision=bf16 on CPU: DeepSpeed's CPU accelerator trains in bf16 correctly but usually slower than "
+            "fp32 (ds_configs/zero3_cpu_bf16.json is the CPU config); use precision=fp32 for speed",
+            UserWarning,
+            stacklevel=2,
+        )
     ds.setdefault("steps_per_print", 1_000_000_000)
     return ds
 
@@ -139,6 +147,23 @@ def build_model(config: TrainConfig, tokenizer: BiomedGPTTokenizer, ds_config: d
     """From scratch under ``zero.Init`` for ZeRO-3 (no rank holds the whole model), or from ``model.init_from``."""
     import deepspeed
 
+    from biomedgpt.model.layers import apex_layer_norm_allowed
+
+    with apex_layer_norm_allowed(config.model.apex_layer_norm):
+        model = _construct_model(config, tokenizer, ds_config, deepspeed)
+    if config.model.freeze_embedding:
+        model.set_embedding_trainable(False)
+    from biomedgpt.train.activation_checkpointing import apply_activation_checkpointing, compile_layers
+
+    apply_activation_checkpointing(model, config.model.activation_checkpointing)
+    if config.model.compile_layers:
+        compile_layers(model)
+    return model
+
+
+def _construct_model(
+    config: TrainConfig, tokenizer: BiomedGPTTokenizer, ds_config: dict[str, Any], deepspeed: Any
+) -> torch.nn.Module:
     if config.model.init_from:
         model = BiomedGPTForConditionalGeneration.from_pretrained(config.model.init_from)
         if model.config.vocab_size != len(tokenizer):
@@ -151,11 +176,6 @@ def build_model(config: TrainConfig, tokenizer: BiomedGPTTokenizer, ds_config: d
             model = BiomedGPTForConditionalGeneration(model_config_for(config, len(tokenizer)))
     else:
         model = BiomedGPTForConditionalGeneration(model_config_for(config, len(tokenizer)))
-    if config.model.freeze_embedding:
-        model.set_embedding_trainable(False)
-    from biomedgpt.train.activation_checkpointing import apply_activation_checkpointing
-
-    apply_activation_checkpointing(model, config.model.activation_checkpointing)
     return model
 
 
@@ -172,7 +192,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
     """AdamW with decoupled weight decay on *all* parameters, as the original (no bias/LayerNorm exclusion).
 
-    FusedAdam on GPU, DeepSpeed's CPU Adam when the optimizer is offloaded, torch AdamW on CPU runs.
+    FusedAdam on GPU (``optim.fused_adam``), DeepSpeed's CPU Adam when the optimizer is offloaded, torch AdamW
+    otherwise.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = config.optim
@@ -182,7 +203,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, ds_config: dict
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and config.optim.fused_adam:
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(params, adam_w_mode=True, **kwargs)

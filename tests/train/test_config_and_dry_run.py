@@ -1,6 +1,7 @@
 import sys
 
 import pytest
+import yaml
 
 from biomedgpt.config_utils import ConfigError, load_config
 from biomedgpt.train.cli import main
@@ -47,8 +48,9 @@ def test_gradient_accumulation_is_derived_and_checked():
 
 
 def test_impossible_combinations_fail_before_work():
-    with pytest.raises(ValueError, match="needs a GPU"):
-        resolve_deepspeed_config(demo("precision=bf16", "deepspeed_config=zero3_bf16.json"), 2, cuda=False)
+    with pytest.warns(UserWarning, match="precision=bf16 on CPU"):  # slow there, but DeepSpeed runs it
+        ds = resolve_deepspeed_config(demo("precision=bf16", "deepspeed_config=zero3_cpu_bf16.json"), 2, cuda=False)
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 3
     with pytest.raises(ValueError, match="bf16.enabled=True but precision=fp32"):
         resolve_deepspeed_config(demo("deepspeed_config=zero3_bf16.json"), 2, cuda=True)
     with pytest.raises(ValueError, match="offloads the optimizer"):
@@ -113,3 +115,26 @@ def test_the_triton_backend_is_checked_at_start_and_named_in_the_error(monkeypat
         check_attention_backend(config, cuda=True)
     with pytest.raises(ConfigError, match="attention_backend"):
         demo("model.attention_backend=flash")
+
+
+def test_memory_and_speed_switches_are_named_in_the_resolved_config(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    switches = {
+        "model.activation_checkpointing": "layers+resnet",
+        "model.compile_layers": "true",
+        "model.apex_layer_norm": "false",
+        "optim.fused_loss": "true",
+        "optim.fused_loss_chunk_size": "512",
+        "optim.fused_adam": "false",
+    }
+    overrides = [f"{key}={value}" for key, value in switches.items()]
+    assert main(["--config", "demo", "--dry-run", "--allow-missing-data", *overrides]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out.split("# resolved config")[1].split("# DeepSpeed config")[0])
+    for key, value in switches.items():
+        section, name = key.split(".")
+        assert resolved[section][name] == yaml.safe_load(value), key
+    defaults = demo()
+    assert (defaults.model.activation_checkpointing, defaults.model.compile_layers) == ("none", False)
+    assert (defaults.optim.fused_loss, defaults.optim.fused_adam, defaults.model.apex_layer_norm) == (False, True, True)
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        demo("model.activation_checkpointing=everything")
