@@ -1,19 +1,16 @@
 """The fused loss wired into training: through the model's output projection (where ZeRO-3 gathers the tied
-weight) it gives the plain loss's values and gradients, in a single process and in a real 2-rank ZeRO-3 job."""
+weight) it gives the plain loss's values and gradients. The real 2-rank ZeRO-3 job is in test_memory_runs.py."""
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
 from model_configs import TEST_VOCAB, small_test_config
-from training_jobs import SMALL, metric_records, mlflow_runs, run_training
 
 from biomedgpt import BiomedGPTForConditionalGeneration
 from biomedgpt.config_utils import load_config
-from biomedgpt.demo import demo_overrides, prepare_demo_data
 from biomedgpt.train.config import TrainConfig, preset_paths
 from biomedgpt.train.fused_loss import fused_loss_parts, loss_output_from_parts
 from biomedgpt.train.loss import label_smoothed_cross_entropy
@@ -96,34 +93,3 @@ def test_fused_loss_settings_are_validated_and_named_in_the_config() -> None:
     assert config_to_dict(demo())["optim"]["fused_loss"] is False
     with pytest.raises((ValueError, ConfigError), match="fused_loss_chunk_size=0 must be a positive"):
         demo("optim.fused_loss_chunk_size=0")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fused_loss_data")
-    prepare_demo_data(root, rows=16, image_size=64)
-    return root
-
-
-@pytest.mark.slow
-def test_two_rank_zero3_run_with_the_fused_loss_matches_the_plain_loss(data_root: Path, tmp_path: Path) -> None:
-    # Dropout on: the fused loss draws no random numbers, so both jobs see the same masks. Label smoothing on and a
-    # chunk smaller than a micro-batch's target tokens, so every part of the fused path runs.
-    store = tmp_path / "mlruns.db"
-    records = {}
-    for fused in ("false", "true"):
-        run_dir = tmp_path / f"fused_{fused}"
-        overrides = demo_overrides(data_root, 3) + [
-            f"checkpoint.dir={run_dir / 'ckpt'}", *SMALL, "optim.label_smoothing=0.1",
-            f"optim.fused_loss={fused}", "optim.fused_loss_chunk_size=16",
-        ]  # fmt: skip
-        run_training(run_dir, "demo", overrides, nproc=2, store=store)
-        records[fused] = {r["step"]: r for r in metric_records(run_dir) if "loss" in r}
-    plain, fused = records["false"], records["true"]
-    assert sorted(plain) == sorted(fused) == [1, 2, 3]
-    for step in plain:
-        for name in ("loss", "objective", "grad_norm"):
-            assert fused[step][name] == pytest.approx(plain[step][name], rel=1e-5, abs=1e-7), (step, name)
-    assert plain[1]["loss"] != plain[2]["loss"]  # the steps saw different batches and weights
-    params = {run.data.params["config.optim.fused_loss"] for run in mlflow_runs(store, "biomedgpt-demo")}
-    assert params == {"True", "False"}
