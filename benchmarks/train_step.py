@@ -168,10 +168,11 @@ def init_distributed(device: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return
+    # DeepSpeed reads these at engine creation too, so they are set even when a process group already runs.
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
+    if dist.is_available() and dist.is_initialized():
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if device == "cuda":
