@@ -7,6 +7,7 @@
 #
 #   benchmarks/gpu_check_prepare.sh [DIR]      # then: benchmarks/gpu_check.sh --wheels DIR (on the GPU machine)
 #
+# (psutil, packaging and tqdm too, in case the image lacks them; gpu_check.sh installs only what is missing.)
 # Not carried: pyarrow (50 MB) and pillow, which biomedgpt.checkpoint.consolidate needs through biomedgpt.data;
 # gpu_check.sh skips the consolidation step, saying why, when the image lacks them.
 set -euo pipefail
@@ -23,7 +24,7 @@ mkdir -p "$DIR"
 pins=$("$PY" - <<'EOF'
 from importlib.metadata import version
 names = ["deepspeed", "hjson", "py-cpuinfo", "einops", "msgpack", "ninja", "psutil", "pydantic", "pydantic-core",
-         "annotated-types", "typing-inspection", "nvidia-ml-py", "setuptools", "wheel"]
+         "annotated-types", "typing-inspection", "nvidia-ml-py", "setuptools", "wheel", "sentencepiece", "packaging", "tqdm"]
 out = []
 for name in names:
     try:
