@@ -8,8 +8,8 @@
 #   benchmarks/gpu_check_prepare.sh [DIR]      # then: benchmarks/gpu_check.sh --wheels DIR (on the GPU machine)
 #
 # (psutil, packaging and tqdm too, in case the image lacks them; gpu_check.sh installs only what is missing.)
-# Not carried: pyarrow (50 MB) and pillow, which biomedgpt.checkpoint.consolidate needs through biomedgpt.data;
-# gpu_check.sh skips the consolidation step, saying why, when the image lacks them.
+# Not carried: pyarrow (50 MB) and pillow; the scripts gpu_check.sh runs (train_step.py, attention.py, consolidation)
+# import neither.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${1:-$ROOT/benchmarks/gpu_wheels}"

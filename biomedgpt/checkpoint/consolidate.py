@@ -44,8 +44,8 @@ from typing import Any
 import torch
 
 from biomedgpt.checkpoint.errors import DEFAULT_MAX_SHARD_SIZE, ConsolidationError, VerificationError
-from biomedgpt.data.finetune_tasks import TASK_FILE
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt.model_dir_files import TASK_FILE
 from biomedgpt.output_dirs import OutputDirError, check_output_dir, replace_output_dir, staging_dir
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 

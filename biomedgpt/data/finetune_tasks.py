@@ -21,6 +21,7 @@ from biomedgpt.data.examples import Example, make_example, normalize_text
 from biomedgpt.data.images import decode_image
 from biomedgpt.data.noising import replace_with_random
 from biomedgpt.data.transforms import finetune_transform
+from biomedgpt.model_dir_files import TASK_FILE
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 from biomedgpt.trie import Trie
 
@@ -34,9 +35,6 @@ PROMPT_CAPTION = " what does the image describe?"
 PROMPT_SUMMARY_LEFT, PROMPT_SUMMARY_RIGHT = ' what is the summary of article "', ' "?'
 PROMPT_NLI = ' can text1 " {} " imply text2 " {} "?'
 PROMPT_OBJECTS = " object: {}"
-
-
-TASK_FILE = "finetune_task.json"  # how a model directory was fine-tuned (see write_task_file)
 
 
 @dataclass
