@@ -13,9 +13,11 @@ engine trains on one synthetic batch shaped like pretraining (a 384 px image wit
   ``biomedgpt.train.flops.training_flops`` gives the formula's count; both are reported.
 - MFU = counted FLOPs per step x steps/s / peak, the peak from biomedgpt.train.metrics.DEVICE_PEAK_TFLOPS (dense,
   by precision) or ``--peak-tflops``; on CPU there is no peak unless given, and MFU is null.
-- Memory: ``torch.cuda.max_memory_allocated`` of the variant on GPU. On CPU the process's resident-set high-water
-  mark (``ru_maxrss``), which never goes down: ``peak_memory_bytes`` is the high-water mark so far (the variants
-  run in one process, in order) and ``rss_growth_bytes`` how far this variant raised it.
+- Memory: ``torch.cuda.max_memory_allocated`` of the variant on GPU. On CPU ``peak_memory_bytes`` is the peak of
+  torch's allocator during one extra, profiled step above what was held before it (activations, gradients,
+  temporaries; ``biomedgpt.train.memory_profile``), the part activation checkpointing and the fused loss reduce; the
+  process's resident-set high-water mark (``rss_high_water_bytes``, never goes down, so the highest so far) and this
+  variant's rise of it (``rss_growth_bytes``) are recorded too.
 - Precision: bf16 on GPU (DeepSpeed's bf16: bf16 weights, fp32 master partitions), fp32 on CPU.
 - A variant that fails (out of memory, triton missing, a kernel error) is recorded with its error in the JSON; the
   other variants still run. Exit status 1 when any variant failed.
@@ -41,6 +43,7 @@ variant. Synthetic data only: no mosaicml-streaming or MLflow is imported.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import json
@@ -60,6 +63,7 @@ import torch
 
 from biomedgpt.model.config import MODEL_SIZES, ORIGINAL_VOCAB_SIZE, BiomedGPTConfig
 from biomedgpt.train.flops import forward_flops, training_flops
+from biomedgpt.train.memory_profile import peak_allocated_bytes
 
 VARIANTS = {"eager": ("sdpa", "plain"), "fused": ("triton", "fused")}
 ATTENTIONS = ("sdpa", "reference", "triton")
@@ -393,9 +397,17 @@ def run_variant(
             row["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
             row["memory_kind"] = "torch.cuda.max_memory_allocated"
         else:
-            row["peak_memory_bytes"] = max_rss_bytes()
+            row["rss_high_water_bytes"] = max_rss_bytes()
             row["rss_growth_bytes"] = max_rss_bytes() - rss_before
-            row["memory_kind"] = "ru_maxrss: process high-water mark so far (variants run in order)"
+            # The high-water mark cannot show what a switch saves (it never goes down); one more step, profiled,
+            # gives the allocator's peak during a step above what was held before it (activations, gradients and
+            # temporaries): what activation checkpointing and the fused loss reduce.
+            profiled_step = functools.partial(train_step, engine, batch, variant.loss, step)
+            loss, row["peak_memory_bytes"] = peak_allocated_bytes(profiled_step)
+            losses.append(loss)
+            step += 1
+            row["steps_done"] = step
+            row["memory_kind"] = "torch allocator peak during one profiled step, above the memory held before it"
         if args.save_checkpoint:
             engine.save_checkpoint(str(args.save_checkpoint), tag=f"bench_{step:08d}", client_state={"step": step})
             engine.module.config.save_pretrained(args.save_checkpoint)  # what consolidation reads
