@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -28,12 +29,20 @@ def load_script() -> ModuleType:
 
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch, free_port: int) -> ModuleType:
+def bench(monkeypatch: pytest.MonkeyPatch, free_port: int) -> Iterator[ModuleType]:
+    """The script as a module, run in this process as world size 1. Its rank variables are set here, through
+    monkeypatch, so that they are removed afterwards (the script's own ``setdefault`` would leak them into later
+    tests: a LOCAL_WORLD_SIZE=1 left behind breaks the 2-rank launcher tests), and its process group is destroyed."""
+    import torch.distributed as dist
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the triton variant must fail here, fast
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+    ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in ranks.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("MASTER_PORT", str(free_port))
-    return load_script()
+    yield load_script()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def test_one_step_json_fields_are_consistent_and_a_failing_variant_is_recorded(
