@@ -8,17 +8,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from test_training_runs import command, data_root, demo_run_overrides, training_ranks, wait_for_step  # noqa: F401
-from training_jobs import environment, losses, metric_records, mlflow_runs, run_training
+from test_training_runs import crash_after_step, data_root, demo_run_overrides  # noqa: F401
+from training_jobs import losses, metric_records, mlflow_runs, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -129,21 +126,7 @@ def test_bf16_zero3_on_cpu_trains_and_consolidates_the_fp32_master(bf16_job, tmp
 def test_bf16_zero3_on_cpu_resumes_after_sigkill(bf16_job, data_root: Path, tmp_path: Path) -> None:  # noqa: F811
     reference_dir, _ = bf16_job
     killed_dir = tmp_path / "killed"
-    # A crash after step 3: launcher and both ranks killed at once (as in test_training_runs), the same command again.
-    killed_dir.mkdir()
-    proc = subprocess.Popen(
-        command(data_root, killed_dir, 2, 4, BF16), env=environment(killed_dir), cwd=killed_dir,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    wait_for_step(killed_dir, 3, proc)
-    ranks = training_ranks(proc.pid)
-    assert len(ranks) == 2
-    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for rank in ranks:
-        os.killpg(rank.pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(job, timeout=60)
-    proc.wait(timeout=60)
+    crash_after_step(3, data_root, killed_dir, 4, BF16)  # as in test_training_runs, the same command again
     resumed = run(data_root, killed_dir, 4, BF16)
     match = re.search(r"resuming from .* at step (\d+)", resumed.stdout)
     assert match is not None and int(match.group(1)) == 2, resumed.stdout[-3000:]

@@ -67,6 +67,29 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def crash_after_step(
+    step: int, data_root: Path, run_dir: Path, steps: int, extra: list[str], store: Path | None = None
+) -> None:
+    """Start a 2-rank job in a new ``run_dir`` and, once it has logged ``step``, crash it: the launcher and both ranks
+    at once, no chance to save. torchrun starts each rank in a session (and process group) of its own, so each group
+    is killed whole: a rank's Python resource tracker, left alive, would unlink the rank's shared memory as a crash
+    does not."""
+    run_dir.mkdir()
+    proc = subprocess.Popen(
+        command(data_root, run_dir, 2, steps, extra), env=environment(run_dir, store), cwd=run_dir,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    wait_for_step(run_dir, step, proc)
+    ranks = training_ranks(proc.pid)
+    assert len(ranks) == 2
+    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for rank in ranks:
+        os.killpg(rank.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(job, timeout=60)
+    proc.wait(timeout=60)
+
+
 def runs_of(run_dir: Path, store: Path | None = None) -> list:
     return mlflow_runs(store or run_dir / "mlruns.db", "biomedgpt-demo")
 
@@ -91,23 +114,7 @@ def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
     run(data_root, reference_dir, nproc=2, steps=6, extra=extra, store=store)
     reference_run = runs_of(reference_dir, store)[0].info.run_id
 
-    killed_dir.mkdir()
-    proc = subprocess.Popen(
-        command(data_root, killed_dir, 2, 6, extra), env=environment(killed_dir, store), cwd=killed_dir,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    wait_for_step(killed_dir, 3, proc)
-    # A crash: the launcher and both ranks at once, no chance to save. torchrun starts each rank in a session (and
-    # process group) of its own, so each group is killed whole: a rank's Python resource tracker, left alive, would
-    # unlink the rank's shared memory as a crash does not.
-    ranks = training_ranks(proc.pid)
-    assert len(ranks) == 2
-    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for rank in ranks:
-        os.killpg(rank.pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(job, timeout=60)
-    proc.wait(timeout=60)
+    crash_after_step(3, data_root, killed_dir, 6, extra, store)
     resumed = run(data_root, killed_dir, nproc=2, steps=6, extra=extra, store=store)
     match = re.search(r"resuming from .* at step (\d+)", resumed.stdout)
     assert match is not None, resumed.stdout[-3000:]
