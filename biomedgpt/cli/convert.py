@@ -36,6 +36,7 @@ from biomedgpt.data.convert import (
     TooManyRejectsError,
     convert,
 )
+from biomedgpt.data.image_preparation import ENCODINGS, PRETRAIN_MAX_SHORTER_SIDE, ImagePreparation
 from biomedgpt.data.schema import DEFAULT_MAX_FIELD_CHARS, DEFAULT_MAX_IMAGE_BYTES, KINDS
 
 
@@ -103,6 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"fail (exit 1) when more than this share of rows is rejected (default {DEFAULT_MAX_REJECT_RATIO:g}; "
         "1 = no limit, but keeping no row always fails)",
     )
+    prepare = parser.add_argument_group(
+        "image preparation (off unless one of these is given; docs/benchmarks.md: data pipeline)",
+        "Decode each image once here (16-bit grey and DICOM windowed into 8 bits by the training decoder's rule), "
+        "shrink it keeping its aspect ratio, store grey images as one channel, and re-encode it; boxes are scaled "
+        "exactly and the original size is kept in the row. An 8-bit JPEG/PNG that needs no shrinking keeps its bytes.",
+    )
+    prepare.add_argument(
+        "--max-image-side", type=int, metavar="N", help="longer side at most N px (e.g. 672, the pretraining cap)"
+    )
+    prepare.add_argument(
+        "--max-shorter-side",
+        type=int,
+        metavar="N",
+        help=f"shorter side at most N px ({PRETRAIN_MAX_SHORTER_SIDE}: the largest the pretraining image-text "
+        "transforms draw; fine-tuning: its patch image size)",
+    )
+    prepare.add_argument(
+        "--image-encoding",
+        choices=ENCODINGS,
+        help="stored encoding of prepared images: source (JPEG for JPEG sources, PNG for the rest; the default), "
+        "jpeg, png, webp (lossless)",
+    )
+    prepare.add_argument(
+        "--jpeg-quality", type=int, default=95, metavar="Q", help="JPEG quality of re-encoded JPEGs (default 95)"
+    )
     return parser
 
 
@@ -131,6 +157,14 @@ def _print_summary(summary: ConversionSummary) -> None:
             print(f"    {count:>8}  {rule}")
         if len(shown) > 8:
             print(f"    {sum(c for _, c in shown[8:]):>8}  by {len(shown) - 8} other rules ({SUMMARY_BASENAME})")
+    if summary.image_preparation:
+        counts = summary.images_prepared
+        mib_in, mib_out = counts.get("bytes in", 0) / 2**20, counts.get("bytes out", 0) / 2**20
+        print(
+            f"  images prepared ({summary.image_preparation}): {counts.get('resized', 0)} resized, "
+            f"{counts.get('re-encoded', 0)} re-encoded, {counts.get('kept as stored', 0)} kept as stored, "
+            f"{counts.get('grey, one channel', 0)} grey as one channel; {mib_in:.1f} MiB -> {mib_out:.1f} MiB"
+        )
     if summary.failed:
         print(f"  FAILED: no {summary.out}/index.json written (see the error below)")
 
@@ -138,6 +172,12 @@ def _print_summary(summary: ConversionSummary) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        preparation = ImagePreparation(
+            args.max_image_side, args.max_shorter_side, args.image_encoding, args.jpeg_quality
+        )
+    except ValueError as exc:
+        parser.exit(2, f"biomedgpt-convert: error: {exc}\n")
     try:
         summary = convert(
             args.input,
@@ -156,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_image_bytes=args.max_image_bytes,
             clip_boxes=args.clip_boxes,
             max_reject_ratio=args.max_reject_ratio,
+            preparation=preparation,
         )
     except TooManyRejectsError as exc:
         _print_summary(exc.summary)

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from biomedgpt.data.image_preparation import ImagePreparation, prepare_row, prepared_schema
 from biomedgpt.data.parquet_shards import (
     INDEX_BASENAME,
     ParquetShardWriter,
@@ -158,6 +159,9 @@ class ConversionSummary:
     # Kept rows' images by the rule that decoded them (biomedgpt.data.images.decoding_kind), e.g. how many 16-bit
     # PNGs were scaled by their bit depth and which DICOM windows were applied.
     image_decodings: dict[str, int] = field(default_factory=dict)
+    # --max-image-side/--max-shorter-side/--image-encoding (biomedgpt.data.image_preparation); {} when off.
+    image_preparation: dict[str, Any] = field(default_factory=dict)
+    images_prepared: dict[str, int] = field(default_factory=dict)  # resized / re-encoded / kept / grey; bytes in, out
     failed: bool = False  # no row kept or too many rejected; no index.json was written
     failure: str = ""  # why, as TooManyRejectsError says it
     elapsed_s: float = 0.0
@@ -236,6 +240,7 @@ class _Task:
     strict: bool
     compression_level: int | None
     options: RowOptions = RowOptions()
+    preparation: ImagePreparation = ImagePreparation()
 
 
 def _reject_record(task: _Task, kind: KindSpec, line_no: int, line: bytes, err: RowError) -> dict[str, Any]:
@@ -275,6 +280,21 @@ def _iter_lines(task: _Task, stats: Counter[str]) -> Iterator[tuple[int, bytes]]
             raise ConversionError(f"{task.display_input} changed while being converted (shard {plan.shard_id})")
 
 
+def _prepare(
+    row: dict[str, Any], decoded: tuple[Any, Any], preparation: ImagePreparation, counts: Counter[str]
+) -> None:
+    image, info = decoded
+    size_in = len(row["image"])
+    done = prepare_row(row, image, info.format, info.decoding.endswith("as stored"), preparation)
+    counts["resized"] += done.resized
+    counts["re-encoded"] += done.data is not None
+    counts["kept as stored"] += done.data is None
+    counts["grey, one channel"] += done.grey
+    counts["bytes in"] += size_in
+    counts["bytes out"] += len(row["image"])
+    counts[f"stored as {done.stored_format}"] += 1
+
+
 def _work_path(out: str, shard_id: int, suffix: str) -> str:
     return os.path.join(out, WORK_DIRNAME, f"shard.{shard_id:05d}{suffix}")
 
@@ -288,15 +308,20 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     stats: Counter[str] = Counter()
     decodings: Counter[str] = Counter()  # kept rows' images by decoding rule
-    writer = ParquetShardWriter(shard_path, kind.schema, task.row_group_rows, task.compression_level)
+    prepared: Counter[str] = Counter()
+    preparing = task.preparation.enabled and any(f.parser == "image" for f in kind.fields)
+    schema = prepared_schema(kind.schema) if preparing else kind.schema
+    writer = ParquetShardWriter(shard_path, schema, task.row_group_rows, task.compression_level)
     try:
         with open(rejects_path + ".tmp", "w") as rejects:
             for line_no, line in _iter_lines(task, stats):
                 notes: list[str] = []
+                decoded: list[Any] | None = [] if preparing else None
                 try:
                     row = parse_row(
-                        kind, line, task.selected_cols, task.num_cols, line_no, options=task.options, notes=notes
-                    )
+                        kind, line, task.selected_cols, task.num_cols, line_no, options=task.options, notes=notes,
+                        images_out=decoded,
+                    )  # fmt: skip
                 except RowError as err:
                     record = _reject_record(task, kind, line_no, line, err)
                     if task.strict:
@@ -305,6 +330,8 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
                     counts[err.reason] += 1
                     rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
                     continue
+                if decoded:
+                    _prepare(row, decoded[0], task.preparation, prepared)
                 writer.write(row)
                 stats["rows_clipped"] += "box_clipped" in notes
                 decodings.update(n.removeprefix(IMAGE_NOTE) for n in notes if n.startswith(IMAGE_NOTE))
@@ -330,6 +357,7 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
         "crlf_lines": stats["crlf_lines"],
         "utf8_bom": bool(stats["utf8_bom"]),
         "image_decodings": dict(decodings),
+        "images_prepared": dict(prepared),
         "shard": info.to_json(),
     }
     mark_path = _work_path(task.out, plan.shard_id, ".json")
@@ -358,8 +386,9 @@ def _config(
     rows_per_shard: int,
     rg_rows: int,
     options: RowOptions,
+    preparation: ImagePreparation,
 ) -> dict[str, Any]:
-    return {
+    config = {
         "schema_version": SCHEMA_VERSION,
         "input": os.path.abspath(input_path),
         "kind": kind.name,
@@ -373,6 +402,9 @@ def _config(
         "max_image_bytes": options.max_image_bytes,
         "clip_boxes": options.clip_boxes,
     }
+    if preparation.enabled:  # only then: conversions made without it keep the config they were made with
+        config["image_preparation"] = preparation.to_json()
+    return config
 
 
 def _config_key(config: dict[str, Any]) -> str:
@@ -385,7 +417,7 @@ def _describe(config: dict[str, Any]) -> str:
         f"num_cols={config.get('num_cols')}, rows_per_shard={config.get('rows_per_shard')}, "
         f"row_group_rows={config.get('row_group_rows')}, max_field_chars={config.get('max_field_chars')}, "
         f"max_image_bytes={config.get('max_image_bytes')}, clip_boxes={config.get('clip_boxes')}, "
-        f"schema_version={config.get('schema_version')})"
+        f"image_preparation={config.get('image_preparation', 'off')}, schema_version={config.get('schema_version')})"
     )
 
 
@@ -496,6 +528,7 @@ def convert(
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     clip_boxes: bool = False,
     max_reject_ratio: float = DEFAULT_MAX_REJECT_RATIO,
+    preparation: ImagePreparation | None = None,
 ) -> ConversionSummary:
     """Convert ``input_path`` (a TSV of ``kind``) into Parquet shards, ``index.json`` and reject/summary files.
 
@@ -514,6 +547,8 @@ def convert(
             (``box_outside_image``); a box wholly outside is rejected either way.
         max_reject_ratio: fail when more than this share of the rows is rejected (1 = never for the share); a
             conversion that keeps no row always fails.
+        preparation: shrink, window and re-encode images once, here (:mod:`biomedgpt.data.image_preparation`);
+            recorded in ``index.json``'s config and the summary. Default: images are stored as they come.
 
     Raises:
         ConversionError: bad arguments or an unusable output directory (nothing converted).
@@ -551,7 +586,13 @@ def convert(
             f"got {max_reject_ratio!r}"
         )
 
-    config = _config(input_path, spec, cols, num_cols, rows_per_shard, row_group_rows, options)
+    preparation = preparation or ImagePreparation()
+    if spec.name == "image" and (preparation.max_side or preparation.max_shorter_side):
+        raise ConversionError(
+            "kind 'image': each row's 256 VQ-GAN codes describe its stored 256 x 256 pixels, so its images cannot be "
+            "resized (--max-image-side/--max-shorter-side); --image-encoding alone is allowed"
+        )
+    config = _config(input_path, spec, cols, num_cols, rows_per_shard, row_group_rows, options, preparation)
     config_key = _config_key(config)
     try:
         # overwrite=True: an earlier conversion here is resumed or, below, replaced by the --overwrite rule; what
@@ -603,6 +644,7 @@ def convert(
                     strict,
                     compression_level,
                     options,
+                    preparation,
                 )
             )
     reused = len(marks)
@@ -677,9 +719,11 @@ def _finish(
         max_image_bytes=config["max_image_bytes"],
         clip_boxes=config["clip_boxes"],
         max_reject_ratio=max_reject_ratio,
+        image_preparation=config.get("image_preparation", {}),
     )
     reasons: Counter[str] = Counter()
     decodings: Counter[str] = Counter()
+    prepared: Counter[str] = Counter()
     infos: list[ShardInfo] = []
     tmp_rejects = os.path.join(out, REJECTS_BASENAME + ".tmp")
     with open(tmp_rejects, "wb") as merged:
@@ -691,6 +735,7 @@ def _finish(
             summary.crlf_lines += mark.get("crlf_lines", 0)
             summary.utf8_bom = summary.utf8_bom or bool(mark.get("utf8_bom"))
             decodings.update(mark.get("image_decodings", {}))
+            prepared.update(mark.get("images_prepared", {}))
             reasons.update(mark["rejects"])
             if mark["shard"]["samples"]:
                 infos.append(ShardInfo.from_json(mark["shard"]))
@@ -700,6 +745,7 @@ def _finish(
     summary.rows_rejected = sum(reasons.values())
     summary.rejects_by_reason = dict(sorted(reasons.items()))
     summary.image_decodings = dict(decodings.most_common())
+    summary.images_prepared = dict(sorted(prepared.items()))
     summary.shards_with_rows = len(infos)
     if summary.rows_read != summary.rows_written + summary.rows_rejected:  # pragma: no cover - an internal bug
         raise ConversionError(
@@ -716,8 +762,10 @@ def _finish(
         "rows_written": summary.rows_written,
         "rows_rejected": summary.rows_rejected,
         "rows_clipped": summary.rows_clipped,
-        "columns": {f.name: str(f.type) for f in spec.schema},
+        "columns": {f.name: str(f.type) for f in (prepared_schema(spec.schema) if prepared else spec.schema)},
     }
+    if prepared:
+        meta["images_prepared"] = summary.images_prepared
     write_index(out, infos, meta)
     return summary
 

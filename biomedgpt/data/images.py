@@ -160,7 +160,10 @@ def _high_depth_grey(image: Image.Image, data: bytes, source: str) -> tuple[np.n
     return _to_uint8(pixels.astype(np.float64) * (255.0 / full)), f"{what} scaled by {full} ({bits} bits: {why})"
 
 
-def _pil_to_rgb(image: Image.Image, data: bytes, source: str) -> Image.Image:
+def _pil_to_rgb(image: Image.Image, data: bytes, source: str, keep_grey: bool = False) -> Image.Image:
+    if keep_grey and image.mode == "L" and image.format in ("JPEG", "PNG"):
+        image.load()  # one channel as decoded: a third of the bytes of its RGB copy, and no copy made
+        return _tagged(image, f"{image.format} 8-bit grey as stored")
     if image.mode == "RGB" and image.format in ("JPEG", "PNG"):
         # Already RGB: return the decoded image itself (load() detaches it from the buffer) instead of a
         # converted copy, which would allocate and fill a second full-size image (as costly as half the
@@ -171,14 +174,20 @@ def _pil_to_rgb(image: Image.Image, data: bytes, source: str) -> Image.Image:
         return _tagged(image, "PNG 16-bit RGB: high byte (Pillow)" if deep else f"{image.format} 8-bit RGB as stored")
     if image.mode.startswith("I") or image.mode == "F":
         grey, rule = _high_depth_grey(image, data, source)
-        return _tagged(Image.fromarray(grey).convert("RGB"), rule)
+        return _tagged(_grey_image(grey, keep_grey), rule)
     frames = getattr(image, "n_frames", 1)
-    rule = f"{image.format} {image.mode} converted to RGB by Pillow"
+    grey_mode = keep_grey and image.mode in ("L", "LA", "La", "1")
+    rule = f"{image.format} {image.mode} converted to {'grey' if grey_mode else 'RGB'} by Pillow"
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rule += " (transparency dropped)"
     if frames > 1:
         rule += f", frame 1 of {frames}"
-    return _tagged(image.convert("RGB"), rule)
+    return _tagged(image.convert("L" if grey_mode else "RGB"), rule)
+
+
+def _grey_image(grey: np.ndarray, keep_grey: bool) -> Image.Image:
+    image = Image.fromarray(grey)  # uint8 [H, W]: mode L
+    return image if keep_grey else image.convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -272,8 +281,9 @@ def _dicom_grey(pixels: np.ndarray, dataset: Any, frame: int, source: str) -> tu
     return _to_uint8(grey), f"{photometric} {modality}: " + ", ".join(steps)
 
 
-def dicom_to_image(data: bytes, source: str = "<bytes>") -> Image.Image:
-    """First frame of a DICOM Part 10 file as an 8-bit RGB image (rules: ``decode_image``)."""
+def dicom_to_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False) -> Image.Image:
+    """First frame of a DICOM Part 10 file as an 8-bit RGB image, or grey (mode L) for a MONOCHROME frame with
+    ``keep_grey`` (rules: ``decode_image``)."""
     import pydicom
     from pydicom.pixels import apply_color_lut, get_decoder
 
@@ -317,7 +327,7 @@ def dicom_to_image(data: bytes, source: str = "<bytes>") -> Image.Image:
     frame_note = f", frame 1 of {frames}" if frames > 1 else ""
     if photometric in ("MONOCHROME1", "MONOCHROME2") and samples == 1:
         grey, rule = _dicom_grey(pixels, dataset, 0, source)
-        return _tagged(Image.fromarray(grey).convert("RGB"), f"DICOM {rule}{frame_note}")
+        return _tagged(_grey_image(grey, keep_grey), f"DICOM {rule}{frame_note}")
     if photometric == "RGB" and samples == 3:
         bits = int(meta.get("bits_stored", 8))
         stored = str(dataset.get("PhotometricInterpretation", "RGB"))
@@ -355,9 +365,14 @@ def dicom_to_image(data: bytes, source: str = "<bytes>") -> Image.Image:
     )
 
 
-def decode_image(data: bytes, source: str = "<bytes>") -> Image.Image:
+def decode_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False) -> Image.Image:
     """Encoded image bytes (any Pillow format, or DICOM) -> 8-bit RGB PIL image; errors are ``ValueError``s that start
-    with ``source`` and say why. ``describe_decoding(image)`` names the rule used:
+    with ``source`` and say why. ``describe_decoding(image)`` names the rule used.
+
+    With ``keep_grey`` a grey source (8-bit grey JPEG/PNG, grey with more than 8 bits, MONOCHROME DICOM, grey with
+    alpha or bilevel) comes back as one channel (mode L) with the grey levels its RGB copy would repeat three times:
+    the transforms work on a third of the bytes, and :class:`biomedgpt.data.transforms.ToUint8Tensor` keeps the one
+    channel until the batch is collated. The rules:
 
     - 8-bit images: as stored (RGB JPEG/PNG) or Pillow's RGB conversion (grey, palette; alpha dropped). A 16-bit RGB
       PNG arrives cut to 8 bits by Pillow (its high byte, i.e. scaled by the full 16-bit range).
@@ -374,10 +389,10 @@ def decode_image(data: bytes, source: str = "<bytes>") -> Image.Image:
       compressed syntaxes without an installed decoder and files without pixel data are rejected.
     """
     if is_dicom(data):
-        return dicom_to_image(data, source)
+        return dicom_to_image(data, source, keep_grey)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _pil_to_rgb(image, data, source)
+            return _pil_to_rgb(image, data, source, keep_grey)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as error:

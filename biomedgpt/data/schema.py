@@ -346,12 +346,13 @@ def decode_base64(text: str) -> bytes:
 _URLSAFE_TO_STD = str.maketrans("-_", "+/")
 
 
-def verify_image(data: bytes, source: str = "<bytes>") -> ImageInfo:
+def verify_image(data: bytes, source: str = "<bytes>", images_out: list[Any] | None = None) -> ImageInfo:
     """Fully decode ``data`` with the decoder training uses and return its format and size.
 
     Going through :func:`biomedgpt.data.images.decode_image` (PIL formats and DICOM) makes conversion accept exactly
     what training can read; decoding every pixel also catches truncated JPEG scans that PIL's ``verify`` misses.
     A decompression-bomb warning counts as an error, so one row cannot make every epoch allocate gigabytes.
+    With ``images_out`` the decoded image (grey ones as one channel) is appended to it, for preparation.
     """
     # Imported here: the images module pulls in torch, which kinds without images never need.
     from PIL import Image
@@ -363,11 +364,13 @@ def verify_image(data: bytes, source: str = "<bytes>") -> ImageInfo:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = decode_image(data, source)
+            image = decode_image(data, source, keep_grey=images_out is not None)
     except Exception as exc:  # ValueError from the decoder; also whatever a damaged file makes PIL/pydicom raise
         raise RowError("undecodable_image", f"cannot decode the image: {type(exc).__name__}: {exc}") from None
     fmt = "DICOM" if is_dicom(data) else image.format or _image_format(data)
     width, height = image.size
+    if images_out is not None:
+        images_out.append(image)
     return ImageInfo(fmt, width, height, decoding_kind(image))
 
 
@@ -500,13 +503,15 @@ def parse_row(
     *,
     options: RowOptions | None = None,
     notes: list[str] | None = None,
+    images_out: list[tuple[Any, ImageInfo]] | None = None,
 ) -> dict[str, Any]:
     """Validate one TSV line (without its line ending, ``\\n`` or ``\\r\\n``) and return its Parquet column values.
 
     Raises :class:`RowError` on the first problem found, checking whole-line problems (blank, ``\\r``, column
     count) before fields (encoding, NUL, length) in layout order, and boxes against the image size last.
     ``options`` sets the field-length limits and box clipping; when a box is clipped, ``"box_clipped"`` is appended
-    to ``notes`` (if given) so the caller can count such rows.
+    to ``notes`` (if given) so the caller can count such rows. With ``images_out``, the row's decoded image (grey
+    ones as one channel) and its :class:`ImageInfo` are appended to it (conversion prepares images from them).
     """
     opts = options or _DEFAULT_OPTIONS
     if not line.strip():
@@ -553,6 +558,7 @@ def parse_row(
 
     out: dict[str, Any] = {}
     images: list[ImageInfo] = []  # the row's image, for the box checks and the decoding rule
+    decoded: list[Any] | None = [] if images_out is not None else None
     values = dict(zip(kind.field_names, texts))
     for fi, (spec, text) in enumerate(zip(kind.fields, texts)):
         col = selected_cols[fi]
@@ -562,7 +568,7 @@ def parse_row(
         if required and not text.strip():
             raise RowError("empty_required_field", f"field {spec.name!r} is empty", fi, col)
         try:
-            _parse_field(kind, spec, text, values, out, opts, f"line {source_line}", images)
+            _parse_field(kind, spec, text, values, out, opts, f"line {source_line}", images, decoded)
         except RowError as err:
             err.field_index, err.tsv_column = fi, col
             raise
@@ -570,6 +576,8 @@ def parse_row(
         _check_boxes(kind, out, selected_cols, (images[0].width, images[0].height), opts, notes)
         if notes is not None:
             notes.append(IMAGE_NOTE + images[0].decoding)
+        if images_out is not None and decoded:
+            images_out.append((decoded[0], images[0]))
     out["source_line"] = source_line
     return out
 
@@ -630,6 +638,7 @@ def _parse_field(
     opts: RowOptions,
     source: str,
     images: list[ImageInfo],
+    decoded: list[Any] | None = None,
 ) -> None:
     p = spec.parser
     if p == "text":
@@ -638,7 +647,7 @@ def _parse_field(
         data = decode_base64(text.strip())
         if len(data) > opts.max_image_bytes:
             raise RowError("field_too_long", _too_long_image(len(data), opts))
-        info = verify_image(data, source)
+        info = verify_image(data, source, decoded)
         images.append(info)  # for the box checks once every field is parsed
         out[spec.name] = data
     elif p == "codes":

@@ -1,0 +1,149 @@
+"""Images prepared at conversion (biomedgpt-convert --max-image-side/--max-shorter-side/--image-encoding): sizes,
+exact boxes, 8-bit windowing of 16-bit and DICOM sources, grey as one channel, bytes kept where nothing changes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from biomedgpt.cli.convert import main as cli_main
+from biomedgpt.data.convert import ConversionError, convert
+from biomedgpt.data.image_preparation import ORIGINAL_SIZE_COLUMNS, ImagePreparation
+from biomedgpt.data.images import decode_image, describe_decoding
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    index = json.loads((out / "index.json").read_text())
+    return [r for s in index["shards"] for r in pq.read_table(out / s["raw_data"]["basename"]).to_pylist()]
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _gradient(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = (x / width * 160 + y / height * 80)[..., None] + rng.normal(0, 6, (height, width, channels))
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_target_size_keeps_the_aspect_ratio_and_puts_the_limiting_side_at_its_limit() -> None:
+    both = ImagePreparation(max_side=672, max_shorter_side=480)
+    assert both.target_size(2000, 1500) == (640, 480)  # the shorter-side limit binds
+    assert both.target_size(3000, 1000) == (672, 224)  # the longer-side limit binds
+    assert both.target_size(400, 300) == (400, 300)  # inside both: unchanged, never enlarged
+    assert ImagePreparation(max_shorter_side=480).target_size(1001, 2003) == (480, 960)
+    assert not ImagePreparation().enabled and ImagePreparation(encoding="png").enabled
+    with pytest.raises(ValueError, match="--max-image-side"):
+        ImagePreparation(max_side=0)
+    with pytest.raises(ValueError, match="--image-encoding"):
+        ImagePreparation(encoding="gif")
+
+
+def test_grounding_and_detection_boxes_scale_exactly_and_the_original_size_is_kept(
+    tmp_path: Path, write_tsv: Any
+) -> None:
+    # 301 x 200 -> 181 x 120: the two axes scale by different ratios (181/301 and 0.6), as rounding makes them.
+    image = _encoded(Image.fromarray(_gradient(301, 200)), "JPEG", quality=90)
+    vl = [["g0", _b64(image), "the left lung", "", "30,20,150.5,199", "", "vg", "visual_grounding"]]
+    prep = ImagePreparation(max_shorter_side=120)
+    out = tmp_path / "vl"
+    summary = convert(str(write_tsv(vl, "vl.tsv")), "vision_language", str(out), preparation=prep)
+    (row,) = _rows(out)
+    stored = Image.open(io.BytesIO(row["image"]))
+    assert stored.size == (181, 120) and stored.format == "JPEG"
+    assert (row[ORIGINAL_SIZE_COLUMNS[0]], row[ORIGINAL_SIZE_COLUMNS[1]]) == (301, 200)
+    expected = np.asarray([30, 20, 150.5, 199]) * np.asarray([181 / 301, 120 / 200] * 2)
+    np.testing.assert_allclose(row["box"], expected, rtol=1e-7)  # float32 storage of the exact product
+    assert summary.image_preparation["max_shorter_side"] == 120
+    assert summary.images_prepared["resized"] == 1 and summary.images_prepared["bytes out"] < len(image)
+    config = json.loads((out / "index.json").read_text())["biomedgpt"]["config"]
+    assert config["image_preparation"] == prep.to_json()
+
+    detection = [["d0", _b64(image), "10,10,290,190,3,liver&&0,0,60,40.5,1,bone, left"]]
+    out = tmp_path / "det"
+    convert(str(write_tsv(detection, "det.tsv")), "detection", str(out), preparation=ImagePreparation(max_side=150))
+    (row,) = _rows(out)
+    assert Image.open(io.BytesIO(row["image"])).size == (150, 100)
+    got = np.asarray([[b["x0"], b["y0"], b["x1"], b["y1"]] for b in row["boxes"]])
+    scale = np.asarray([150 / 301, 100 / 200] * 2)
+    np.testing.assert_allclose(got, np.asarray([[10, 10, 290, 190], [0, 0, 60, 40.5]]) * scale, rtol=1e-7)
+    assert [b["category_name"] for b in row["boxes"]] == ["liver", "bone, left"]
+
+
+def test_16_bit_png_and_dicom_are_windowed_once_into_8_bit_grey_by_the_training_rule(
+    tmp_path: Path, write_tsv: Any
+) -> None:
+    from pydicom.data import get_testdata_file
+
+    twelve_bit = (np.linspace(0, 4095, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    png16 = _encoded(Image.fromarray(twelve_bit), "PNG")
+    dicom = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # 16-bit CT with a window in the file
+    rows = [[f"q{i}", f"img{i}", "what organ?", "1|!+liver", "", _b64(data)] for i, data in enumerate((png16, dicom))]
+    out = tmp_path / "vqa"
+    summary = convert(str(write_tsv(rows)), "vqa", str(out), preparation=ImagePreparation(encoding="png"))
+    assert summary.images_prepared["grey, one channel"] == 2 and summary.images_prepared["resized"] == 0
+    for row, source in zip(_rows(out), (png16, dicom)):
+        stored = decode_image(row["image"], keep_grey=True)
+        assert stored.mode == "L" and describe_decoding(stored) == "PNG 8-bit grey as stored"  # no 16-bit work
+        # The very pixels the training decoder makes of the source, every step, without preparation.
+        np.testing.assert_array_equal(np.asarray(stored), np.asarray(decode_image(source))[..., 0])
+    assert "DICOM MONOCHROME2 CT" in " ".join(summary.image_decodings)
+
+
+def test_small_8_bit_sources_keep_their_bytes_and_grey_rgb_png_becomes_one_channel(
+    tmp_path: Path, write_tsv: Any
+) -> None:
+    colour_jpeg = _encoded(Image.fromarray(_gradient(40, 30)), "JPEG", quality=90)
+    grey_rgb_jpeg = _encoded(Image.fromarray(_gradient(40, 30, 1)[..., 0]).convert("RGB"), "JPEG", quality=90)
+    grey_rgb_png = _encoded(Image.fromarray(_gradient(40, 30, 1)[..., 0]).convert("RGB"), "PNG")
+    sources = (colour_jpeg, grey_rgb_jpeg, grey_rgb_png)
+    rows = [[f"c{i}", "", f"caption {i}", "", _b64(data)] for i, data in enumerate(sources)]
+    out = tmp_path / "caption"
+    convert(str(write_tsv(rows)), "caption", str(out), preparation=ImagePreparation(max_side=64))
+    stored = [r["image"] for r in _rows(out)]
+    assert stored[:2] == [colour_jpeg, grey_rgb_jpeg]  # re-encoding a JPEG would only add loss
+    assert Image.open(io.BytesIO(stored[2])).mode == "L"
+    np.testing.assert_array_equal(
+        np.asarray(decode_image(stored[2])), np.asarray(decode_image(grey_rgb_png))
+    )  # lossless: the same RGB pixels once expanded
+
+
+def test_webp_and_jpeg_encodings_are_stored_as_asked(tmp_path: Path, write_tsv: Any) -> None:
+    source = _encoded(Image.fromarray(_gradient(200, 100)), "PNG")
+    rows = [["c0", "", "caption", "", _b64(source)]]
+    for encoding, fmt in (("webp", "WEBP"), ("jpeg", "JPEG"), ("source", "PNG")):
+        out = tmp_path / encoding
+        convert(
+            str(write_tsv(rows)), "caption", str(out), preparation=ImagePreparation(max_side=100, encoding=encoding)
+        )
+        (row,) = _rows(out)
+        stored = Image.open(io.BytesIO(row["image"]))
+        assert (stored.format, stored.size) == (fmt, (100, 50))
+        if fmt != "JPEG":  # lossless: exactly the bicubic resize of the decoded source
+            expected = decode_image(source).resize((100, 50), Image.Resampling.BICUBIC)
+            np.testing.assert_array_equal(np.asarray(decode_image(row["image"])), np.asarray(expected))
+
+
+def test_refusals_name_the_option(tmp_path: Path, write_tsv: Any, tsvkit: Any, capsys: Any) -> None:
+    tsv = write_tsv([tsvkit.good_row("image", 0)])
+    with pytest.raises(ConversionError, match="VQ-GAN codes"):
+        convert(str(tsv), "image", str(tmp_path / "img"), preparation=ImagePreparation(max_side=128))
+    with pytest.raises(SystemExit) as stop:
+        cli_main([str(tsv), "--kind", "image", "--out", str(tmp_path / "cli"), "--max-shorter-side", "4"])
+    assert stop.value.code == 2 and "--max-shorter-side" in capsys.readouterr().err
