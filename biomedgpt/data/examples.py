@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from biomedgpt.data.images import DEFAULT_MEAN, DEFAULT_STD
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 _LEADING_PUNCTUATION = ",.!?*#:;~"
@@ -45,6 +46,11 @@ class Example:
     # Image patches the encoder keeps (pretraining samples 196 per image), drawn from the sample's own seed.
     patch_indices: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # How a uint8 ``image`` is normalised on the device: ``(pixel / 255 - mean) / std`` per channel, then the block
+    # ``image_blank = (top, bottom, left, right)`` set to 0 (image infilling's masked centre).
+    image_mean: tuple[float, float, float] = DEFAULT_MEAN
+    image_std: tuple[float, float, float] = DEFAULT_STD
+    image_blank: tuple[int, int, int, int] | None = None
 
 
 def make_example(
@@ -83,16 +89,39 @@ def collate(
 
     Examples without an image get a zero image and ``patch_masks=False`` (their patches are masked in the
     encoder). With no image at all in the batch (and no ``image_size``), ``patch_images`` is None (text only).
+
+    uint8 images (the training pipelines') stay uint8: ``patch_images`` is ``[B, 3, H, W]`` uint8 (grey ones
+    repeated to three channels here, the first point where the model's three are needed), with ``image_mean``,
+    ``image_std`` ``[B, 3]`` and ``image_blank`` ``[B, 4]`` for :func:`images_on_device`, which the training device
+    runs. Float images (already normalised) are stacked as they are.
     """
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
     images = [ex.image for ex in examples]
-    shapes = {tuple(img.shape) for img in images if img is not None}
-    if len(shapes) > 1:
-        raise ValueError(f"images of one sub-batch must share a size, got {sorted(shapes)}")
+    present = [img for img in images if img is not None]
+    sizes = {tuple(img.shape[-2:]) for img in present}
+    if len(sizes) > 1:
+        raise ValueError(f"images of one sub-batch must share a size, got {sorted(sizes)}")
+    raw = bool(present) and all(img.dtype == torch.uint8 for img in present)
+    if not raw and {tuple(img.shape) for img in present} - {(3, *size) for size in sizes}:
+        raise ValueError("normalised images must be [3, H, W] and of one dtype; uint8 ones are normalised later")
     patch_images = None
-    if shapes or image_size is not None:
-        shape = next(iter(shapes)) if shapes else (3, image_size, image_size)
+    extra: dict[str, torch.Tensor] = {}
+    if raw:
+        height, width = next(iter(sizes))
+        zero = torch.zeros(3, height, width, dtype=torch.uint8)
+        patch_images = torch.stack([zero if img is None else img.expand(3, height, width) for img in images])
+        extra = {
+            "image_mean": torch.tensor([ex.image_mean for ex in examples], dtype=torch.float32),
+            "image_std": torch.tensor([ex.image_std for ex in examples], dtype=torch.float32),
+            # A missing image normalises to 0 everywhere, as the zero image of normalised batches.
+            "image_blank": torch.tensor(
+                [(0, height, 0, width) if ex.image is None else ex.image_blank or (0, 0, 0, 0) for ex in examples],
+                dtype=torch.int32,
+            ),
+        }
+    elif sizes or image_size is not None:
+        shape = (3, *next(iter(sizes))) if sizes else (3, image_size, image_size)
         patch_images = torch.stack([img if img is not None else torch.zeros(shape) for img in images])
     batch: dict[str, Any] = {
         "input_ids": _pad([ex.source for ex in examples], pad_id),
@@ -105,6 +134,7 @@ def collate(
         "tasks": [ex.task for ex in examples],
         "sample_ids": [ex.sample_id for ex in examples],
     }
+    batch.update(extra)
     batch["ntokens"] = int(batch["target"].ne(pad_id).sum())
     patch_indices = [ex.patch_indices for ex in examples]
     if all(p is not None for p in patch_indices):
@@ -124,3 +154,32 @@ def collate(
                 masks[row, position, allowed] = True
         batch["constraint_masks"] = masks
     return batch
+
+
+RAW_IMAGE_KEYS = ("image_mean", "image_std", "image_blank")
+
+
+def images_on_device(batch: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """A collated batch (already on the training device) with uint8 ``patch_images`` normalised there.
+
+    ``(pixel / 255 - mean) / std`` in float32, the same IEEE operations as
+    :func:`biomedgpt.data.images.normalize_image` (so bit-identical to normalising in the workers), then each
+    example's ``image_blank`` block set to 0, then the cast to ``dtype`` (e.g. bf16). Batches whose images are
+    already float pass through (cast to ``dtype`` if given). Returns a new dict without the helper keys.
+    """
+    images = batch.get("patch_images")
+    out = {key: value for key, value in batch.items() if key not in RAW_IMAGE_KEYS}
+    if images is None:
+        return out
+    if images.dtype == torch.uint8:
+        mean = batch["image_mean"].to(images.device)[:, :, None, None]
+        std = batch["image_std"].to(images.device)[:, :, None, None]
+        images = (images.to(torch.float32) / 255.0 - mean) / std
+        blanks = batch["image_blank"].tolist()
+        for row, (top, bottom, left, right) in enumerate(blanks):
+            if bottom > top and right > left:
+                images[row, :, top:bottom, left:right] = 0
+    if dtype is not None:
+        images = images.to(dtype)
+    out["patch_images"] = images
+    return out

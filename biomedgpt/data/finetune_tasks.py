@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from biomedgpt.data.examples import Example, make_example, normalize_text
-from biomedgpt.data.images import decode_image
+from biomedgpt.data.images import DEFAULT_MEAN, DEFAULT_STD, decode_image
 from biomedgpt.data.noising import replace_with_random
 from biomedgpt.data.transforms import finetune_transform
 from biomedgpt.model_dir_files import TASK_FILE
@@ -125,20 +125,24 @@ class FinetuneExampleBuilder:
     ) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        if config.imagenet_normalization:
-            self.transform = finetune_transform(config.patch_image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        else:
-            self.transform = finetune_transform(config.patch_image_size)
+        self.transform = finetune_transform(config.patch_image_size)
+        # Applied on the device to the uint8 images (biomedgpt.data.examples.images_on_device).
+        self.image_mean, self.image_std = (
+            (IMAGENET_MEAN, IMAGENET_STD) if config.imagenet_normalization else (DEFAULT_MEAN, DEFAULT_STD)
+        )
         self.trie = answer_trie(candidate_answers, tokenizer) if candidate_answers else None
         if config.task == "nli":
             self.trie = answer_trie(list(NLI_ANSWERS.values()), tokenizer)
 
     def _image(self, row: dict[str, Any], name: str, rng: np.random.Generator) -> torch.Tensor:
-        tensor, _ = self.transform(decode_image(row["image"], f"{self.config.task} row {name}"), None, rng)
+        image = decode_image(row["image"], f"{self.config.task} row {name}", keep_grey=True)
+        tensor, _ = self.transform(image, None, rng)
         return tensor
 
     def build(self, row: dict[str, Any], rng: np.random.Generator, train: bool = True) -> Example:
-        return getattr(self, f"_{self.config.task}")(row, rng, train)
+        example: Example = getattr(self, f"_{self.config.task}")(row, rng, train)
+        example.image_mean, example.image_std = self.image_mean, self.image_std
+        return example
 
     def _vqa(self, row: dict[str, Any], rng: np.random.Generator, train: bool) -> Example:
         cfg, tok = self.config, self.tokenizer

@@ -412,6 +412,18 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     return decode_image(path.read_bytes(), str(path))
 
 
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> ``[C, H, W]`` uint8 tensor, one channel for a grey (mode L) image, else three (RGB).
+
+    What DataLoader workers hand over: a quarter of the bytes of float32 RGB (a twelfth for grey), normalised on the
+    training device (:func:`biomedgpt.data.examples.images_on_device`).
+    """
+    if image.mode == "L":
+        return torch.from_numpy(np.asarray(image).copy()[None])  # copy: PIL's buffer is read-only
+    pixels = np.asarray(_as_rgb(image))  # [H, W, 3]
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
 def _as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
 import biomedgpt.data  # noqa: F401 - registers the parquet shard reader with streaming
@@ -184,11 +185,16 @@ class FinetuneCollator:
 
 
 def make_loader(dataset: Any, batch_size: int, collate_fn: Callable[..., Any], num_workers: int = 0) -> Any:
-    """A ``StreamingDataLoader`` (its ``state_dict`` resumes mid-epoch) over a dataset made above."""
+    """A ``StreamingDataLoader`` (its ``state_dict`` resumes mid-epoch) over a dataset made above.
+
+    Batches hold uint8 images (normalised on the device); on a GPU machine they come in pinned memory, so the copy to
+    the device can overlap the step (the trainer copies with ``non_blocking=True``).
+    """
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
         collate_fn=collate_fn,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )

@@ -19,7 +19,7 @@ from biomedgpt.data.noising import whole_word_mask
 from biomedgpt.data.transforms import (
     box_to_bins,
     detection_transform,
-    mask_image_center,
+    image_center_block,
     pretrain_vl_transform,
     pure_image_transform,
     visual_grounding_transform,
@@ -151,7 +151,7 @@ class PretrainExampleBuilder:
 
     def _vision_language_examples(self, row: dict[str, Any], rng: np.random.Generator) -> list[Example]:
         cfg, sample_id = self.config, str(row.get("uniq_id", ""))
-        image = decode_image(row["image"], f"vision_language row {sample_id}")
+        image = decode_image(row["image"], f"vision_language row {sample_id}", keep_grey=True)
         kind = row["type"]
         if kind == "caption":
             tensor, _ = self.vl_transform(image, None, rng)
@@ -262,11 +262,10 @@ class PretrainExampleBuilder:
     def from_image(self, row: dict[str, Any], rng: np.random.Generator) -> Example:
         """Image infilling: centre of the 256 px image blanked, target its 256 VQ codes."""
         sample_id = str(row.get("uniq_id", ""))
-        image = decode_image(row["image"], f"image row {sample_id}")
+        image = decode_image(row["image"], f"image row {sample_id}", keep_grey=True)
         tensor, _ = self.image_transform(image, None, rng)
-        tensor = mask_image_center(tensor, self.config.code_image_size)
         codes = [self.tokenizer.code_id(int(c)) for c in row["code"]]
-        return make_example(
+        example = make_example(
             self.tokenizer,
             "image_infilling",
             self._encode(PROMPT_IMAGE_INFILLING),
@@ -276,11 +275,14 @@ class PretrainExampleBuilder:
             code_mask=True,
             sample_id=sample_id,
         )
+        low, high = image_center_block(self.config.code_image_size)
+        example.image_blank = (low, high, low, high)  # zeroed after normalisation, on the device (mid-grey)
+        return example
 
     def from_detection(self, row: dict[str, Any], rng: np.random.Generator) -> Example:
         """Object detection: per kept box four location bins then its category name."""
         sample_id = str(row.get("uniq_id", ""))
-        image = decode_image(row["image"], f"detection row {sample_id}")
+        image = decode_image(row["image"], f"detection row {sample_id}", keep_grey=True)
         boxes = np.asarray([[b["x0"], b["y0"], b["x1"], b["y1"]] for b in row["boxes"]], dtype=np.float32)
         labels = [b["category_name"] for b in row["boxes"]]
         tensor, target = self.detection_transform(image, {"boxes": boxes.reshape(-1, 4), "labels": labels}, rng)

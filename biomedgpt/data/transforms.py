@@ -2,7 +2,9 @@
 
 Every transform is a callable ``(image, target, rng) -> (image, target)``:
 
-- ``image`` is a PIL image (the last step, :class:`ToTensorNormalize`, turns it into a ``[3, H, W]`` float tensor);
+- ``image`` is a PIL image, RGB or grey (mode L, one channel as decoded: every op gives a grey image the grey levels
+  its RGB copy would get); the last step turns it into a tensor: :class:`ToUint8Tensor` ``[C, H, W]`` uint8 for the
+  training pipelines (normalised later, on the training device), :class:`ToTensorNormalize` ``[3, H, W]`` float;
 - ``target`` is ``None`` or a dict that may hold ``"boxes"`` (float ``np.ndarray`` ``[N, 4]``, ``x0, y0, x1, y1`` in
   pixels of the current image) and ``"labels"`` (one entry per box); other keys pass through untouched. Transforms
   never modify the dict they are given, they return a new one;
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from biomedgpt.data.images import DEFAULT_MEAN, DEFAULT_STD, normalize_image
+from biomedgpt.data.images import DEFAULT_MEAN, DEFAULT_STD, normalize_image, to_uint8_tensor
 
 __all__ = [
     "CenterCrop",
@@ -40,11 +42,13 @@ __all__ = [
     "Resize",
     "ResizeCrop",
     "ToTensorNormalize",
+    "ToUint8Tensor",
     "Transform",
     "bins_to_box",
     "box_to_bins",
     "detection_transform",
     "finetune_transform",
+    "image_center_block",
     "mask_image_center",
     "pretrain_vl_transform",
     "pure_image_transform",
@@ -431,10 +435,11 @@ _MAX_LEVEL = 10.0
 # OFA's translate_const is 10 *pixels* at level 10 (so magnitude 7 shifts by 7 px, a mild jitter, not 70% of the image).
 _TRANSLATE_CONST = 10.0
 _FILL = (128, 128, 128)  # OFA's replace_value for areas uncovered by the affine ops
+_OWN_MODES = ("RGB", "L")  # modes the ops work on as they are (anything else becomes RGB first)
 
 
 def _apply_affine(
-    image: Image.Image, target: Target, forward: np.ndarray, fill: tuple[int, int, int]
+    image: Image.Image, target: Target, forward: np.ndarray, fill: int | tuple[int, int, int]
 ) -> tuple[Image.Image, Target]:
     """Warp by the forward 2x3 matrix (continuous pixel coordinates, pixel i spans [i, i+1]) and move boxes with it.
 
@@ -524,13 +529,15 @@ class RandomAugment:
             )
         else:  # pragma: no cover - guarded in __init__
             raise ValueError(name)
-        return _apply_affine(image if image.mode == "RGB" else image.convert("RGB"), target, forward, _FILL)
+        if image.mode not in _OWN_MODES:
+            image = image.convert("RGB")
+        return _apply_affine(image, target, forward, _FILL[0] if image.mode == "L" else _FILL)
 
     def __call__(
         self, image: Image.Image, target: Target = None, rng: np.random.Generator | None = None
     ) -> tuple[Image.Image, Target]:
         rng = _require_rng(rng, "RandomAugment")
-        if image.mode != "RGB":  # an RGB image is never modified in place below, so it needs no defensive copy
+        if image.mode not in _OWN_MODES:  # RGB and L images are never modified in place below: no defensive copy
             image = image.convert("RGB")
         chosen = rng.integers(len(self.ops), size=self.n)
         for index in chosen.tolist():
@@ -570,6 +577,23 @@ class ToTensorNormalize:
         return f"ToTensorNormalize(mean={self.mean}, std={self.std})"
 
 
+class ToUint8Tensor:
+    """PIL image -> ``[C, H, W]`` uint8 tensor (C = 1 for grey, 3 for RGB), what DataLoader workers return.
+
+    Normalisation and the float/bf16 conversion happen on the training device
+    (:func:`biomedgpt.data.examples.images_on_device`, bit-identical to :class:`ToTensorNormalize`); grey stays one
+    channel until the batch is collated. Boxes are left in pixels.
+    """
+
+    def __call__(
+        self, image: Image.Image, target: Target = None, rng: np.random.Generator | None = None
+    ) -> tuple[torch.Tensor, Target]:
+        return to_uint8_tensor(image), _copy_target(target)
+
+    def __repr__(self) -> str:
+        return "ToUint8Tensor()"
+
+
 def box_to_bins(boxes: np.ndarray | Sequence[float], max_image_size: int = 512, num_bins: int = 1000) -> np.ndarray:
     """Pixel boxes -> integer location-bin indices (0..num_bins-1), same shape as ``boxes``.
 
@@ -587,13 +611,18 @@ def bins_to_box(bins: np.ndarray | Sequence[int], max_image_size: int = 512, num
     return np.asarray(bins, dtype=np.float64) / (num_bins - 1) * max_image_size
 
 
+def image_center_block(code_image_size: int = 128) -> tuple[int, int]:
+    """Rows (and columns) ``[low, high)`` of the block image infilling blanks: ``[int(0.5 c), int(1.5 c))``."""
+    return int(0.5 * code_image_size), int(1.5 * code_image_size)
+
+
 def mask_image_center(tensor: torch.Tensor, code_image_size: int = 128) -> torch.Tensor:
     """Image-infilling input: a copy of ``tensor`` (``[..., H, W]``, already normalised) with the centre block zeroed.
 
     The block is rows/cols ``[int(0.5 c), int(1.5 c))`` for ``c = code_image_size``, i.e. ``[64:192, 64:192]`` of the
     256x256 image for c = 128 (spec 5.1/5.3). Zero *after* normalisation is mid-grey, as in the original.
     """
-    low, high = int(0.5 * code_image_size), int(1.5 * code_image_size)
+    low, high = image_center_block(code_image_size)
     masked = tensor.clone()
     masked[..., low:high, low:high] = 0
     return masked
@@ -620,7 +649,7 @@ def pretrain_vl_transform(patch_image_size: int, max_image_size: int = VL_MAX_SI
                 RandomResize(_vl_sizes(patch_image_size), max_size=max_image_size), CenterCrop(patch_image_size)
             ),
             RandomAugment(2, 7, RANDOM_AUGMENT_OPS),
-            ToTensorNormalize(),
+            ToUint8Tensor(),
         ]
     )
 
@@ -632,27 +661,26 @@ def visual_grounding_transform(patch_image_size: int, max_image_size: int = VL_M
             ResizeCrop(
                 RandomResize(_vl_sizes(patch_image_size), max_size=max_image_size), ObjectCenterCrop(patch_image_size)
             ),
-            ToTensorNormalize(),
+            ToUint8Tensor(),
         ]
     )
 
 
 def detection_transform(size: int = 256) -> Compose:
     """Detection: RandomHorizontalFlip(0.5) -> LargeScaleJitter(size, 1.0-1.5) -> tensor; boxes kept (in pixels)."""
-    return Compose([RandomHorizontalFlip(0.5), LargeScaleJitter(size, 1.0, 1.5), ToTensorNormalize()])
+    return Compose([RandomHorizontalFlip(0.5), LargeScaleJitter(size, 1.0, 1.5), ToUint8Tensor()])
 
 
 def pure_image_transform() -> Compose:
-    """Image infilling input: tensor only (the file is already 256x256); mask it with :func:`mask_image_center`."""
-    return Compose([ToTensorNormalize()])
+    """Image infilling input: uint8 tensor only (the file is already 256x256); the centre block
+    (:func:`image_center_block`) is blanked after normalisation, on the device."""
+    return Compose([ToUint8Tensor()])
 
 
-def finetune_transform(
-    size: int, mean: tuple[float, float, float] = DEFAULT_MEAN, std: tuple[float, float, float] = DEFAULT_STD
-) -> Compose:
-    """Fine-tuning (VQA, captioning): Resize((S, S), bicubic) -> tensor, no augmentation (spec 6.1).
+def finetune_transform(size: int) -> Compose:
+    """Fine-tuning (VQA, captioning): Resize((S, S), bicubic) -> uint8 tensor, no augmentation (spec 6.1).
 
-    ``mean``/``std`` default to 0.5 ([-1, 1]); MedMNIST passes the ImageNet statistics
-    (``--imagenet-default-mean-and-std``).
+    The normalisation (0.5/0.5, or ImageNet's for MedMNIST, ``--imagenet-default-mean-and-std``) is the example's
+    ``image_mean``/``image_std``, applied on the device.
     """
-    return Compose([Resize((size, size)), ToTensorNormalize(mean, std)])
+    return Compose([Resize((size, size)), ToUint8Tensor()])

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from biomedgpt.data.examples import Example, collate
+from biomedgpt.data.examples import Example, collate, images_on_device
 from biomedgpt.data.finetune_tasks import (
     FINETUNE_TASKS,
     NLI_ANSWERS,
@@ -145,7 +145,8 @@ def decoding_config(task: str, beam: int | None = None, max_len_b: int | None = 
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    moved = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    return images_on_device(moved)  # the builders' uint8 images, normalised on the device
 
 
 def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

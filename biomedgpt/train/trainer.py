@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from biomedgpt.data.examples import images_on_device
 from biomedgpt.data.finetune_tasks import load_answer_list, write_task_file
 from biomedgpt.data.pretrain_tasks import AUXILIARY_TASKS, IMAGE_TEXT_TASKS
 from biomedgpt.data.transforms import rng_for
@@ -124,10 +125,9 @@ class Trainer:
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):
                 value = value.to(self.context.device, non_blocking=True)
-                if key == "patch_images" and self.config.precision == "bf16":
-                    value = value.to(torch.bfloat16)
             moved[key] = value
-        return moved
+        # The loader hands over uint8 images: they are normalised (and cast) here, on the training device.
+        return images_on_device(moved, torch.bfloat16 if self.config.precision == "bf16" else None)
 
     def _forward_loss(self, batch: dict[str, Any], drop_worst_ratio: float = 0.0) -> Any:
         batch = self._to_device(batch)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from biomedgpt.data.examples import collate, normalize_text
+from biomedgpt.data.examples import collate, images_on_device, normalize_text
 from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder, FinetuneTaskConfig
 from biomedgpt.data.pretrain_tasks import NegativeSamples, PretrainExampleBuilder, PretrainTaskConfig
 from biomedgpt.data.sample_corpus import write_sample_corpus
@@ -56,7 +56,8 @@ def test_vision_language_rows_give_two_examples_each_with_original_prompts(corpu
         assert len(examples) == 2
         for ex in examples:
             seen.add(ex.task)
-            assert ex.image.shape == (3, 64, 64)
+            assert ex.image.shape[-2:] == (64, 64) and ex.image.dtype == torch.uint8  # normalised on the device
+            assert ex.image.shape[0] == (1 if row["image"].startswith(b"\x89PNG") else 3)  # grey PNGs: one channel
             assert ex.source[0] == tokenizer.bos_id and ex.source[-1] == tokenizer.eos_id
             assert ex.target[-1] == tokenizer.eos_id
             assert np.array_equal(ex.prev_output[1:], ex.target[:-1])
@@ -109,13 +110,15 @@ def test_auxiliary_sources(corpus, builder, tokenizer):
     image_row = read_rows(corpus / "image.tsv", "image")[0]
     image = builder.from_image(image_row, rng_for(0, 0, 2))
     assert image.code_mask and image.weight == 2.0
-    assert image.image.shape == (3, 256, 256)
-    assert torch.count_nonzero(image.image[:, 64:192, 64:192]) == 0
+    assert image.image.shape[-2:] == (256, 256) and image.image_blank == (64, 192, 64, 192)
+    on_device = images_on_device(collate([image, text], tokenizer.pad_id))["patch_images"]
+    assert torch.count_nonzero(on_device[0, :, 64:192, 64:192]) == 0 and torch.count_nonzero(on_device[0]) > 0
+    assert torch.count_nonzero(on_device[1]) == 0  # no image: the zero (mid-grey) image of normalised batches
     assert [int(t) - tokenizer.code_offset for t in image.target[:-1]] == list(image_row["code"])
 
     detection_row = read_rows(corpus / "detection.tsv", "detection")[0]
     detection = builder.from_detection(detection_row, rng_for(0, 0, 3))
-    assert detection.image.shape == (3, 256, 256)
+    assert detection.image.shape[-2:] == (256, 256)
     target = detection.target[:-1].tolist()
     assert all(tokenizer.bin_offset <= t < tokenizer.bin_offset + 1000 for t in target[:4])
     names = {b["category_name"] for b in detection_row["boxes"]}

@@ -1,0 +1,125 @@
+"""uint8 images from the workers, normalised on the device: the same model input, bit for bit, as normalising float32
+images in the workers did, for RGB and one-channel grey images, infilling's blanked centre, text-only examples and
+the ImageNet statistics."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from biomedgpt.data.examples import Example, collate, images_on_device
+from biomedgpt.data.finetune_tasks import IMAGENET_MEAN, IMAGENET_STD
+from biomedgpt.data.images import decode_image
+from biomedgpt.data.pretrain_tasks import NegativeSamples, PretrainExampleBuilder, PretrainTaskConfig
+from biomedgpt.data.sample_corpus import write_sample_corpus
+from biomedgpt.data.schema import get_kind, parse_row, parse_selected_cols
+from biomedgpt.data.transforms import (
+    RANDOM_AUGMENT_OPS,
+    Compose,
+    RandomAugment,
+    ToTensorNormalize,
+    detection_transform,
+    mask_image_center,
+    pretrain_vl_transform,
+    rng_for,
+)
+from biomedgpt.tokenizer import BiomedGPTTokenizer
+
+
+def _grey(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.clip(x * 200 / width + y * 40 / height + rng.normal(0, 12, (height, width)), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def _old_style(transform: Compose) -> Compose:
+    """The same transform ending as before: float32 normalisation in the worker."""
+    return Compose([*transform.transforms[:-1], ToTensorNormalize()])
+
+
+@pytest.mark.parametrize("op", RANDOM_AUGMENT_OPS)
+def test_every_augment_op_gives_a_grey_image_the_levels_of_its_rgb_copy(op: str) -> None:
+    grey = _grey(48, 40)
+    for seed in range(4):
+        one, _ = RandomAugment(1, 7, [op]).apply_op(op, grey, None, rng_for(seed, 0, op))
+        three, _ = RandomAugment(1, 7, [op]).apply_op(op, grey.convert("RGB"), None, rng_for(seed, 0, op))
+        assert one.mode == "L"
+        np.testing.assert_array_equal(np.asarray(one.convert("RGB")), np.asarray(three))
+
+
+def test_grey_pipelines_stay_one_channel_and_normalise_to_what_the_rgb_copy_gave() -> None:
+    grey = _grey(300, 220, seed=1)
+    for transform in (pretrain_vl_transform(64), detection_transform(64)):
+        for seed in range(6):
+            pixels, _ = transform(grey, None, rng_for(seed, 0, "g"))
+            reference, _ = _old_style(transform)(grey.convert("RGB"), None, rng_for(seed, 0, "g"))
+            assert pixels.dtype == torch.uint8 and pixels.shape == (1, 64, 64)
+            example = Example("caption", np.zeros(2, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), pixels)
+            assert torch.equal(images_on_device(collate([example], 1))["patch_images"][0], reference)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    write_sample_corpus(out, rows=6, seed=0, image_size=96)
+    return out
+
+
+def _rows(path: Path, kind_name: str) -> list[dict]:
+    kind = get_kind(kind_name)
+    lines = [line for line in path.read_bytes().split(b"\n") if line]
+    return [parse_row(kind, line, parse_selected_cols(kind, None), len(kind.fields), n) for n, line in enumerate(lines)]
+
+
+def test_pretraining_batches_equal_the_former_worker_normalisation_bit_for_bit(corpus: Path) -> None:
+    """Caption/VQA/grounding rows (JPEG colour scenes and grey CT/MR PNGs), image infilling and a text example."""
+    tokenizer = BiomedGPTTokenizer.default()
+    builder = PretrainExampleBuilder(
+        tokenizer, NegativeSamples.load(corpus / "negative_sample"), PretrainTaskConfig(patch_image_size=64)
+    )
+    rows = _rows(corpus / "vision_language.tsv", "vision_language")
+    examples, references = [], []
+    for index, row in enumerate(rows):
+        built = builder.from_vision_language(row, rng_for(0, 0, index))
+        examples += built
+        transform = builder.grounding_transform if row["type"] == "visual_grounding" else builder.vl_transform
+        target = {"boxes": np.asarray([row["box"]], np.float32), "labels": ["r"]} if row.get("box") else None
+        reference, _ = _old_style(transform)(decode_image(row["image"]), target, rng_for(0, 0, index))
+        references += [reference] * len(built)
+    assert {ex.image.shape[0] for ex in examples} == {1, 3}  # grey PNG slices and colour JPEG scenes both present
+    batch = images_on_device(collate(examples, tokenizer.pad_id))
+    assert "image_mean" not in batch and batch["patch_images"].dtype == torch.float32
+    assert torch.equal(batch["patch_images"], torch.stack(references))
+
+    infill = builder.from_image(_rows(corpus / "image.tsv", "image")[0], rng_for(0, 0, 1))
+    text = builder.from_text(_rows(corpus / "text.tsv", "text")[0], rng_for(0, 0, 2))
+    raw = collate([infill, text], tokenizer.pad_id, image_size=256)
+    assert raw["patch_images"].dtype == torch.uint8  # what crosses the DataLoader's shared memory
+    images = images_on_device(raw, torch.bfloat16)["patch_images"]
+    image_row = _rows(corpus / "image.tsv", "image")[0]
+    expected = mask_image_center(ToTensorNormalize()(decode_image(image_row["image"]))[0])
+    assert images.dtype == torch.bfloat16
+    assert torch.equal(images[0], expected.to(torch.bfloat16)) and torch.count_nonzero(images[1]) == 0
+
+
+def test_imagenet_statistics_are_applied_per_example() -> None:
+    image = Image.open(io.BytesIO(_encoded_png())).convert("RGB")
+    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
+    plain = Example("vqa", np.zeros(2, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), pixels)
+    imagenet = Example("classification", plain.source, plain.target, plain.prev_output, pixels.clone())
+    imagenet.image_mean, imagenet.image_std = IMAGENET_MEAN, IMAGENET_STD
+    images = images_on_device(collate([plain, imagenet], 1))["patch_images"]
+    assert torch.equal(images[0], ToTensorNormalize()(image)[0])
+    assert torch.equal(images[1], ToTensorNormalize(IMAGENET_MEAN, IMAGENET_STD)(image)[0])
+
+
+def _encoded_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
