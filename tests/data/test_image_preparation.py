@@ -147,3 +147,53 @@ def test_refusals_name_the_option(tmp_path: Path, write_tsv: Any, tsvkit: Any, c
     with pytest.raises(SystemExit) as stop:
         cli_main([str(tsv), "--kind", "image", "--out", str(tmp_path / "cli"), "--max-shorter-side", "4"])
     assert stop.value.code == 2 and "--max-shorter-side" in capsys.readouterr().err
+
+
+def test_training_resumes_mid_epoch_on_prepared_shards(
+    tmp_path: Path, write_tsv: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A StreamingDataLoader over prepared VQA shards, stopped after 2 batches and resumed from its state_dict in a
+    new loader, yields the rest of the epoch exactly as the uninterrupted one (ids and uint8 images)."""
+    import gc
+
+    import torch
+
+    from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder, FinetuneTaskConfig
+    from biomedgpt.data.pipeline import FinetuneCollator, FinetuneStream, make_loader
+    from biomedgpt.tokenizer import BiomedGPTTokenizer
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # one in-process rank
+    rows = []
+    for i in range(20):
+        pixels = _gradient(120, 90, seed=i)
+        image = Image.fromarray(pixels[..., 0] if i % 2 else pixels)  # grey and colour rows
+        data = _encoded(image, "JPEG", quality=90)
+        rows.append([f"q{i}", f"img{i}", f"what organ {i}?", "1|!+liver", "", _b64(data)])
+    out = tmp_path / "prepared"
+    convert(str(write_tsv(rows)), "vqa", str(out), rows_per_shard=6, preparation=ImagePreparation(max_shorter_side=48))
+    tokenizer = BiomedGPTTokenizer.default()
+    builder = FinetuneExampleBuilder(tokenizer, FinetuneTaskConfig("vqa", patch_image_size=32))
+
+    def run(state: dict | None = None, stop_after: int | None = None) -> tuple[list, dict | None]:
+        gc.collect()  # the previous dataset's shared memory goes before the directory is opened again
+        stream = FinetuneStream(builder, str(out), shuffle=True, shuffle_seed=3, batch_size=4, num_canonical_nodes=1)
+        loader = make_loader(stream, 4, FinetuneCollator(tokenizer.pad_id))
+        if state is not None:
+            loader.load_state_dict(state)
+        seen, saved = [], None
+        for step, batch in enumerate(loader):
+            assert batch["patch_images"].dtype == torch.uint8
+            seen += list(zip(batch["sample_ids"], batch["patch_images"]))
+            if stop_after is not None and step + 1 == stop_after:
+                saved = loader.state_dict()
+                break
+        return seen, saved
+
+    whole, _ = run()
+    first, state = run(stop_after=2)
+    rest, _ = run(state)
+    assert len(whole) == 20 and len(first) == 8
+    resumed = first + rest
+    assert [sid for sid, _ in resumed] == [sid for sid, _ in whole]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, whole))
