@@ -9,11 +9,12 @@ and 1 detection per 8 rows, spec 5.2) into the same examples with the same build
   correctly: those rows get this repository's decoder, the least the original would need), and the transforms run
   unfused: RandomResize of the whole image then CenterCrop/ObjectCenterCrop, LargeScaleJitter resize then crop, RGB
   copies in RandomAugment, torch normalisation on a channels-last view;
-- ``today``: Parquet shards converted as they come, read through mosaicml-streaming (``PretrainStream``, shuffled),
-  the fused transforms, every image decoded to RGB and normalised to float32 in the worker: the pipeline before
-  images were prepared at conversion;
+- ``today``: Parquet shards converted as they come (row groups of 128 rows, whatever their bytes), read through
+  mosaicml-streaming (``PretrainStream``, shuffled), the fused transforms, every image decoded to RGB and normalised
+  to float32 in the worker: the pipeline before images were prepared at conversion;
 - ``prepared``: the repository's pipeline on shards converted with ``biomedgpt-convert --max-shorter-side 480``
-  (detection 384, the largest shorter side LargeScaleJitter draws at 256 px): images decoded, windowed to 8 bits,
+  (detection 384, the largest shorter side LargeScaleJitter draws at 256 px) and row groups of at most 8 MiB
+  (``--row-group-bytes``, the default now): images decoded, windowed to 8 bits,
   shrunk and stored (grey as one channel) once, at conversion; workers decode them grey as one channel and hand over
   uint8 tensors, normalised on the training device (its cost on this CPU is printed separately: on a GPU it is not
   CPU work).
@@ -536,9 +537,11 @@ def make_corpus(root: Path, rows: int, image_size: int, content: str) -> str:
 
         write_sample_corpus(root / "corpus", rows=per_type, seed=SEED, image_size=64)
         rewrite_as_radiographs(root / "corpus", image_size, seed=SEED)
-        for kind in PRETRAINING_KINDS:
-            convert(str(root / "corpus" / f"{kind}.tsv"), kind, str(root / "converted" / kind), overwrite=True)
         how = f"write_sample_corpus(rows={per_type}, seed={SEED}) + rewrite_as_radiographs(image_size={image_size})"
+    for kind in PRETRAINING_KINDS:
+        # Today's layout: row groups of 128 rows whatever their bytes (row_group_bytes came with preparation).
+        convert(str(root / "corpus" / f"{kind}.tsv"), kind, str(root / "converted" / kind), overwrite=True,
+                row_group_bytes=None)  # fmt: skip
     for kind in PRETRAINING_KINDS:
         side = PREPARED_SHORTER_SIDE.get(kind)
         preparation = ImagePreparation(max_shorter_side=side) if side else None

@@ -223,7 +223,7 @@ def _dicom(pixels: np.ndarray, uid_seed: list[str]) -> bytes:
     return buffer.getvalue()
 
 
-def _radiograph(rng: np.random.Generator, fmt: str, image_size: int, uid_seed: list[str]) -> tuple[bytes, int, int]:
+def make_radiograph(rng: np.random.Generator, fmt: str, image_size: int, uid_seed: list[str]) -> tuple[bytes, int, int]:
     """Encoded bytes, width and height of one new image of format ``fmt``."""
     if fmt == DICOM_FORMAT:
         return _dicom(_ct_slice(rng), uid_seed), DICOM_SIZE, DICOM_SIZE
@@ -299,7 +299,7 @@ def _rewrite_file(path: Path, name: str, image_size: int, seed: int, dicom_every
             fmt = _row_format(index, dicom_every)
             old_w, old_h = _old_size(columns[layout["image"]])
             rng = _row_rng(seed, name, index)
-            data, width, height = _radiograph(rng, fmt, image_size, [str(seed), name, str(index)])
+            data, width, height = make_radiograph(rng, fmt, image_size, [str(seed), name, str(index)])
             columns[layout["image"]] = base64.b64encode(data).decode("ascii")
             sx, sy = width / old_w, height / old_h
             box_col = layout["box"]

@@ -37,6 +37,7 @@ from biomedgpt.data.convert import (
     convert,
 )
 from biomedgpt.data.image_preparation import ENCODINGS, PRETRAIN_MAX_SHORTER_SIDE, ImagePreparation
+from biomedgpt.data.parquet_shards import DEFAULT_ROW_GROUP_BYTES
 from biomedgpt.data.schema import DEFAULT_MAX_FIELD_CHARS, DEFAULT_MAX_IMAGE_BYTES, KINDS
 
 
@@ -68,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows-per-shard", type=int, default=2048, metavar="N", help="input lines per shard")
     parser.add_argument(
         "--row-group-rows", type=int, default=128, metavar="N", help="rows per Parquet row group (random access unit)"
+    )
+    parser.add_argument(
+        "--row-group-bytes",
+        type=int,
+        default=DEFAULT_ROW_GROUP_BYTES,
+        metavar="N",
+        help=f"also end a row group at N bytes of row data (default {DEFAULT_ROW_GROUP_BYTES}: a random read of one "
+        "radiograph-sized row then decodes megabytes, not the hundreds of 128 such rows)",
     )
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
     parser.add_argument("--compression-level", type=int, metavar="L", help="zstd level (default: pyarrow's)")
@@ -187,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_cols=args.num_cols,
             rows_per_shard=args.rows_per_shard,
             row_group_rows=args.row_group_rows,
+            row_group_bytes=args.row_group_bytes,
             workers=args.workers,
             strict=args.strict,
             overwrite=args.overwrite,

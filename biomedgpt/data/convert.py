@@ -45,6 +45,7 @@ import numpy as np
 
 from biomedgpt.data.image_preparation import ImagePreparation, prepare_row, prepared_schema
 from biomedgpt.data.parquet_shards import (
+    DEFAULT_ROW_GROUP_BYTES,
     INDEX_BASENAME,
     ParquetShardWriter,
     ShardInfo,
@@ -149,6 +150,7 @@ class ConversionSummary:
     num_cols: int = 0
     rows_per_shard: int = 0
     row_group_rows: int = 0
+    row_group_bytes: int | None = DEFAULT_ROW_GROUP_BYTES
     max_field_chars: int = DEFAULT_MAX_FIELD_CHARS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     clip_boxes: bool = False
@@ -241,6 +243,7 @@ class _Task:
     compression_level: int | None
     options: RowOptions = RowOptions()
     preparation: ImagePreparation = ImagePreparation()
+    row_group_bytes: int | None = DEFAULT_ROW_GROUP_BYTES
 
 
 def _reject_record(task: _Task, kind: KindSpec, line_no: int, line: bytes, err: RowError) -> dict[str, Any]:
@@ -311,7 +314,9 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
     prepared: Counter[str] = Counter()
     preparing = task.preparation.enabled and any(f.parser == "image" for f in kind.fields)
     schema = prepared_schema(kind.schema) if preparing else kind.schema
-    writer = ParquetShardWriter(shard_path, schema, task.row_group_rows, task.compression_level)
+    writer = ParquetShardWriter(
+        shard_path, schema, task.row_group_rows, task.compression_level, row_group_bytes=task.row_group_bytes
+    )
     try:
         with open(rejects_path + ".tmp", "w") as rejects:
             for line_no, line in _iter_lines(task, stats):
@@ -387,6 +392,7 @@ def _config(
     rg_rows: int,
     options: RowOptions,
     preparation: ImagePreparation,
+    rg_bytes: int | None,
 ) -> dict[str, Any]:
     config = {
         "schema_version": SCHEMA_VERSION,
@@ -397,6 +403,7 @@ def _config(
         "num_cols": num_cols,
         "rows_per_shard": rows_per_shard,
         "row_group_rows": rg_rows,
+        "row_group_bytes": rg_bytes,
         # They decide which rows are kept, so a shard converted under other limits must be converted again.
         "max_field_chars": options.max_field_chars,
         "max_image_bytes": options.max_image_bytes,
@@ -415,7 +422,8 @@ def _describe(config: dict[str, Any]) -> str:
     return (
         f"{config.get('input')!r} as kind {config.get('kind')!r} (selected_cols={config.get('selected_cols')}, "
         f"num_cols={config.get('num_cols')}, rows_per_shard={config.get('rows_per_shard')}, "
-        f"row_group_rows={config.get('row_group_rows')}, max_field_chars={config.get('max_field_chars')}, "
+        f"row_group_rows={config.get('row_group_rows')}, row_group_bytes={config.get('row_group_bytes')}, "
+        f"max_field_chars={config.get('max_field_chars')}, "
         f"max_image_bytes={config.get('max_image_bytes')}, clip_boxes={config.get('clip_boxes')}, "
         f"image_preparation={config.get('image_preparation', 'off')}, schema_version={config.get('schema_version')})"
     )
@@ -519,6 +527,7 @@ def convert(
     num_cols: int | None = None,
     rows_per_shard: int = 2048,
     row_group_rows: int = 128,
+    row_group_bytes: int | None = DEFAULT_ROW_GROUP_BYTES,
     workers: int = 1,
     strict: bool = False,
     overwrite: bool = False,
@@ -538,6 +547,8 @@ def convert(
         num_cols: how many tab-separated columns every line must have; default: highest selected column + 1.
         rows_per_shard: input lines per shard (rejected lines included, so shard boundaries are deterministic).
         row_group_rows: rows per Parquet row group (the unit of random access when streaming).
+        row_group_bytes: a row group also ends once its rows hold this many bytes of text and image data (None:
+            by rows only), so that a random read of a radiograph-sized row decodes megabytes, not hundreds.
         workers: worker processes (1 = convert in this process).
         strict: stop at the first bad row with :class:`StrictModeError`.
         overwrite: replace an existing conversion in ``out`` made with other options or another input.
@@ -573,6 +584,8 @@ def convert(
         raise ConversionError(f"--num-cols {num_cols} is too small for --selected-cols (highest column {max_col})")
     if row_group_rows < 1 or rows_per_shard < 1:
         raise ConversionError("--rows-per-shard and --row-group-rows must be >= 1")
+    if row_group_bytes is not None and row_group_bytes < 1:
+        raise ConversionError("--row-group-bytes must be >= 1")
     if workers < 1:
         raise ConversionError("--workers must be >= 1")
     options = RowOptions(max_field_chars, max_image_bytes, bool(clip_boxes))
@@ -592,7 +605,9 @@ def convert(
             "kind 'image': each row's 256 VQ-GAN codes describe its stored 256 x 256 pixels, so its images cannot be "
             "resized (--max-image-side/--max-shorter-side); --image-encoding alone is allowed"
         )
-    config = _config(input_path, spec, cols, num_cols, rows_per_shard, row_group_rows, options, preparation)
+    config = _config(
+        input_path, spec, cols, num_cols, rows_per_shard, row_group_rows, options, preparation, row_group_bytes
+    )
     config_key = _config_key(config)
     try:
         # overwrite=True: an earlier conversion here is resumed or, below, replaced by the --overwrite rule; what
@@ -645,6 +660,7 @@ def convert(
                     compression_level,
                     options,
                     preparation,
+                    row_group_bytes,
                 )
             )
     reused = len(marks)
@@ -715,6 +731,7 @@ def _finish(
         num_cols=config["num_cols"],
         rows_per_shard=config["rows_per_shard"],
         row_group_rows=config["row_group_rows"],
+        row_group_bytes=config["row_group_bytes"],
         max_field_chars=config["max_field_chars"],
         max_image_bytes=config["max_image_bytes"],
         clip_boxes=config["clip_boxes"],

@@ -11,7 +11,7 @@ on every step. Preparing an image:
   ``max_shorter_side`` (bicubic, the transforms' filter; images already inside both limits keep their size);
 - stores grey images as one channel (also grey ones that arrive as RGB with three equal channels);
 - encodes it as ``encoding``: ``source`` (JPEG for JPEG sources, PNG for everything else), ``jpeg``, ``png`` or
-  ``webp`` (lossless).
+  ``webp`` (lossless; WebP has no grey mode, so grey images come back as three equal channels).
 
 An 8-bit JPEG or PNG that needs no resizing and would be stored in its own format keeps its bytes (re-encoding a
 JPEG only adds loss). The boxes of the row (a visual-grounding region, detection boxes) are scaled by the exact
@@ -143,7 +143,8 @@ def prepare_image(
     if resized:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     data = encode(image, stored, preparation.jpeg_quality)
-    return PreparedImage(data, new_w, new_h, width, height, grey, stored)
+    # WebP has no grey mode: Pillow stores a grey image as RGB, so it decodes as three (equal) channels.
+    return PreparedImage(data, new_w, new_h, width, height, grey and stored != "WEBP", stored)
 
 
 def scale_row_boxes(row: dict[str, Any], prepared: PreparedImage) -> None:

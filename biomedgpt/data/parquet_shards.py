@@ -61,6 +61,12 @@ INDEX_BASENAME = "index.json"
 HASH_ALGO = "sha1"  # one of streaming's hash names, so `StreamingDataset(validate_hash="sha1")` can check shards
 
 
+# A row group is the unit a random read decodes: with radiograph-sized images (1-4 MB each) 128 rows would make a
+# single-row read decompress hundreds of megabytes and overflow the row-group cache, so row groups also close at this
+# many bytes of row data.
+DEFAULT_ROW_GROUP_BYTES = 8 << 20
+
+
 def shard_basename(shard_id: int) -> str:
     return f"shard.{shard_id:05d}.parquet"
 
@@ -98,7 +104,8 @@ def _file_sha1(path: str) -> str:
 
 
 class ParquetShardWriter:
-    """Write rows (dicts) to one Parquet shard: zstd, fixed-size row groups, atomic rename on :meth:`close`.
+    """Write rows (dicts) to one Parquet shard: zstd, row groups of ``row_group_rows`` rows or ``row_group_bytes``
+    bytes of text and binary values (whichever comes first; None: rows only), atomic rename on :meth:`close`.
 
     The file is written as ``<name>.tmp`` and renamed only when complete, so a crash never leaves a file that looks
     finished; the converter's re-run logic relies on that.
@@ -110,9 +117,14 @@ class ParquetShardWriter:
         schema: pa.Schema,
         row_group_rows: int = 128,
         compression_level: int | None = None,
+        row_group_bytes: int | None = DEFAULT_ROW_GROUP_BYTES,
     ) -> None:
         if row_group_rows < 1:
             raise ValueError("row_group_rows must be >= 1")
+        if row_group_bytes is not None and row_group_bytes < 1:
+            raise ValueError("row_group_bytes must be >= 1 (or None)")
+        self.row_group_bytes = row_group_bytes
+        self._pending_bytes = 0
         self.path = path
         self.tmp_path = path + ".tmp"
         self.schema = schema
@@ -134,7 +146,9 @@ class ParquetShardWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         self._pending.append(row)
-        if len(self._pending) >= self.row_group_rows:
+        self._pending_bytes += sum(len(v) for v in row.values() if isinstance(v, (bytes, str)))
+        full = self.row_group_bytes is not None and self._pending_bytes >= self.row_group_bytes
+        if full or len(self._pending) >= self.row_group_rows:
             self._flush()
 
     def _flush(self) -> None:
@@ -146,6 +160,7 @@ class ParquetShardWriter:
         self._row_groups.append(len(self._pending))
         self._lines.extend((self._pending[0]["source_line"], self._pending[-1]["source_line"]))
         self._pending = []
+        self._pending_bytes = 0
 
     @property
     def samples(self) -> int:

@@ -197,3 +197,18 @@ def test_training_resumes_mid_epoch_on_prepared_shards(
     resumed = first + rest
     assert [sid for sid, _ in resumed] == [sid for sid, _ in whole]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, whole))
+
+
+def test_row_groups_also_end_at_row_group_bytes(tmp_path: Path, write_tsv: Any) -> None:
+    """Radiograph-sized rows: a row group closes at row_group_bytes, so a random read decodes a few rows, not 128."""
+    images = [_encoded(Image.fromarray(_gradient(64, 64, seed=i)), "PNG") for i in range(10)]
+    rows = [[f"c{i}", "", f"caption {i}", "", _b64(data)] for i, data in enumerate(images)]
+    cap = 3 * len(images[0])  # about three rows' bytes
+    out = tmp_path / "capped"
+    convert(str(write_tsv(rows)), "caption", str(out), row_group_bytes=cap)
+    index = json.loads((out / "index.json").read_text())
+    groups = index["shards"][0]["row_groups"]
+    assert sum(groups) == 10 and max(groups) <= 4 and len(groups) >= 3
+    assert index["biomedgpt"]["config"]["row_group_bytes"] == cap
+    convert(str(write_tsv(rows)), "caption", str(tmp_path / "rows"), row_group_bytes=None)
+    assert json.loads((tmp_path / "rows" / "index.json").read_text())["shards"][0]["row_groups"] == [10]

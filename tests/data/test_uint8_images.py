@@ -123,3 +123,38 @@ def _encoded_png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_worker_batches_arrive_as_the_same_tensors_as_in_process(
+    tmp_path: Path, tsvkit: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers send batches as numpy arrays (cheaper than a shared-memory segment per tensor); the loader turns them
+    back into tensors equal, in value and dtype, to the batches built in-process."""
+    import gc
+
+    from biomedgpt.data.convert import convert
+    from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder, FinetuneTaskConfig
+    from biomedgpt.data.pipeline import FinetuneCollator, FinetuneStream, make_loader
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    tsv = tmp_path / "vqa.tsv"
+    tsv.write_bytes(tsvkit.tsv_bytes([tsvkit.good_row("vqa", i) for i in range(12)]))  # type: ignore[attr-defined]
+    convert(str(tsv), "vqa", str(tmp_path / "vqa"))
+    tokenizer = BiomedGPTTokenizer.default()
+    builder = FinetuneExampleBuilder(tokenizer, FinetuneTaskConfig("vqa", patch_image_size=32))
+
+    def batches(workers: int) -> list[dict]:
+        gc.collect()
+        stream = FinetuneStream(builder, str(tmp_path / "vqa"), shuffle=False, batch_size=4, num_canonical_nodes=1)
+        return list(make_loader(stream, 4, FinetuneCollator(tokenizer.pad_id), num_workers=workers))
+
+    local, remote = batches(0), batches(1)
+    assert len(local) == len(remote) == 3
+    for a, b in zip(local, remote):
+        assert a.keys() == b.keys() and a["patch_images"].dtype == torch.uint8
+        for key, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert isinstance(b[key], torch.Tensor) and b[key].dtype == value.dtype and torch.equal(b[key], value)
+            else:
+                assert b[key] == value
