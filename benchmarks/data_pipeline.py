@@ -245,7 +245,7 @@ def use_legacy_transforms(builder: PretrainExampleBuilder) -> PretrainExampleBui
     return builder
 
 
-def legacy_decode_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False) -> Image.Image:
+def legacy_decode_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False, **_: Any) -> Image.Image:
     """``Image.open(BytesIO(...)).convert("RGB")``: the original's decode (a decoded image plus an RGB copy).
 
     DICOM, which PIL cannot open, and grey deeper than 8 bits, which ``convert("RGB")`` clips to white, get this
@@ -262,8 +262,8 @@ def legacy_decode_image(data: bytes, source: str = "<bytes>", keep_grey: bool = 
         raise ValueError(f"{source}: not a readable image ({error})") from error
 
 
-def rgb_decode_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False) -> Image.Image:
-    """Today's decoding, before grey images stayed one channel: every image to RGB."""
+def rgb_decode_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False, **_: Any) -> Image.Image:
+    """Today's decoding, before grey images stayed one channel and JPEGs were drafted: every image to RGB."""
     return decode_image(data, source)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 from pathlib import Path
@@ -160,10 +161,27 @@ def _high_depth_grey(image: Image.Image, data: bytes, source: str) -> tuple[np.n
     return _to_uint8(pixels.astype(np.float64) * (255.0 / full)), f"{what} scaled by {full} ({bits} bits: {why})"
 
 
-def _pil_to_rgb(image: Image.Image, data: bytes, source: str, keep_grey: bool = False) -> Image.Image:
+def _draft(image: Image.Image, shorter_side: int | None) -> str:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (in the DCT) while its shorter side stays >= ``shorter_side``;
+    returns the note for the rule ("" when it decodes at full size)."""
+    if shorter_side is None or image.format != "JPEG" or image.mode not in ("L", "RGB"):
+        return ""
+    width, height = image.size
+    factor = shorter_side / min(width, height)
+    if factor > 0.5:  # not even half the size would do
+        return ""
+    image.draft(image.mode, (math.ceil(width * factor), math.ceil(height * factor)))
+    scale = round(width / image.size[0])
+    return f", drafted at 1/{scale}" if scale > 1 else ""
+
+
+def _pil_to_rgb(
+    image: Image.Image, data: bytes, source: str, keep_grey: bool = False, draft_shorter_side: int | None = None
+) -> Image.Image:
+    drafted = _draft(image, draft_shorter_side)
     if keep_grey and image.mode == "L" and image.format in ("JPEG", "PNG"):
         image.load()  # one channel as decoded: a third of the bytes of its RGB copy, and no copy made
-        return _tagged(image, f"{image.format} 8-bit grey as stored")
+        return _tagged(image, f"{image.format} 8-bit grey as stored{drafted}")
     if image.mode == "RGB" and image.format in ("JPEG", "PNG"):
         # Already RGB: return the decoded image itself (load() detaches it from the buffer) instead of a
         # converted copy, which would allocate and fill a second full-size image (as costly as half the
@@ -171,13 +189,14 @@ def _pil_to_rgb(image: Image.Image, data: bytes, source: str, keep_grey: bool = 
         image.load()
         # A 16-bit RGB PNG (IHDR bit depth, byte 24) reaches here already cut to 8 bits by Pillow's high byte.
         deep = image.format == "PNG" and data[24:25] == b"\x10"
-        return _tagged(image, "PNG 16-bit RGB: high byte (Pillow)" if deep else f"{image.format} 8-bit RGB as stored")
+        rule = "PNG 16-bit RGB: high byte (Pillow)" if deep else f"{image.format} 8-bit RGB as stored{drafted}"
+        return _tagged(image, rule)
     if image.mode.startswith("I") or image.mode == "F":
         grey, rule = _high_depth_grey(image, data, source)
         return _tagged(_grey_image(grey, keep_grey), rule)
     frames = getattr(image, "n_frames", 1)
     grey_mode = keep_grey and image.mode in ("L", "LA", "La", "1")
-    rule = f"{image.format} {image.mode} converted to {'grey' if grey_mode else 'RGB'} by Pillow"
+    rule = f"{image.format} {image.mode} converted to {'grey' if grey_mode else 'RGB'} by Pillow{drafted}"
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rule += " (transparency dropped)"
     if frames > 1:
@@ -365,14 +384,21 @@ def dicom_to_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False
     )
 
 
-def decode_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False) -> Image.Image:
+def decode_image(
+    data: bytes, source: str = "<bytes>", keep_grey: bool = False, draft_shorter_side: int | None = None
+) -> Image.Image:
     """Encoded image bytes (any Pillow format, or DICOM) -> 8-bit RGB PIL image; errors are ``ValueError``s that start
     with ``source`` and say why. ``describe_decoding(image)`` names the rule used.
 
     With ``keep_grey`` a grey source (8-bit grey JPEG/PNG, grey with more than 8 bits, MONOCHROME DICOM, grey with
     alpha or bilevel) comes back as one channel (mode L) with the grey levels its RGB copy would repeat three times:
     the transforms work on a third of the bytes, and :class:`biomedgpt.data.transforms.ToUint8Tensor` keeps the one
-    channel until the batch is collated. The rules:
+    channel until the batch is collated.
+
+    ``draft_shorter_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (Pillow's ``draft``, scaling in the
+    DCT, which skips most of the inverse transform and colour conversion) as long as its shorter side stays at least
+    this many pixels: for callers that shrink it below that anyway (the pretraining caption/VQA draws). The rule then
+    ends in ", drafted at 1/N". The rules:
 
     - 8-bit images: as stored (RGB JPEG/PNG) or Pillow's RGB conversion (grey, palette; alpha dropped). A 16-bit RGB
       PNG arrives cut to 8 bits by Pillow (its high byte, i.e. scaled by the full 16-bit range).
@@ -392,7 +418,7 @@ def decode_image(data: bytes, source: str = "<bytes>", keep_grey: bool = False) 
         return dicom_to_image(data, source, keep_grey)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _pil_to_rgb(image, data, source, keep_grey)
+            return _pil_to_rgb(image, data, source, keep_grey, draft_shorter_side)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as error:

@@ -17,6 +17,7 @@ from biomedgpt.data.examples import Example, make_example, normalize_text
 from biomedgpt.data.images import decode_image
 from biomedgpt.data.noising import whole_word_mask
 from biomedgpt.data.transforms import (
+    VL_MAX_SHORTER_SIDE,
     box_to_bins,
     detection_transform,
     image_center_block,
@@ -151,8 +152,11 @@ class PretrainExampleBuilder:
 
     def _vision_language_examples(self, row: dict[str, Any], rng: np.random.Generator) -> list[Example]:
         cfg, sample_id = self.config, str(row.get("uniq_id", ""))
-        image = decode_image(row["image"], f"vision_language row {sample_id}", keep_grey=True)
         kind = row["type"]
+        # Caption and VQA images carry no boxes, so a large JPEG may decode at a DCT-reduced size that still covers
+        # the largest shorter side the draw can ask for (grounding boxes would have to follow the reduction).
+        draft = max(VL_MAX_SHORTER_SIDE, cfg.patch_image_size) if kind in ("caption", "qa") else None
+        image = decode_image(row["image"], f"vision_language row {sample_id}", keep_grey=True, draft_shorter_side=draft)
         if kind == "caption":
             tensor, _ = self.vl_transform(image, None, rng)
             caption = normalize_text(row["caption"], cfg.max_tgt_words)

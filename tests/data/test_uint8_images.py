@@ -158,3 +158,43 @@ def test_worker_batches_arrive_as_the_same_tensors_as_in_process(
                 assert isinstance(b[key], torch.Tensor) and b[key].dtype == value.dtype and torch.equal(b[key], value)
             else:
                 assert b[key] == value
+
+
+def _jpeg(width: int, height: int, grey: bool) -> bytes:
+    rng = np.random.default_rng(width)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.clip(x * 180 / width + 60 * np.sin(y / 37.0) + rng.normal(0, 4, (height, width)) + 20, 0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    buffer = io.BytesIO()
+    (image if grey else image.convert("RGB")).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_jpeg_draft_decoding_keeps_the_asked_shorter_side_and_says_so() -> None:
+    from biomedgpt.data.images import describe_decoding
+
+    data = _jpeg(1200, 1000, grey=False)
+    assert decode_image(data, draft_shorter_side=480).size == (600, 500)
+    quarter = decode_image(data, draft_shorter_side=200, keep_grey=True)
+    assert quarter.size == (300, 250) and describe_decoding(quarter).endswith(", drafted at 1/4")
+    assert decode_image(data, draft_shorter_side=600).size == (1200, 1000)  # half would be too small
+    grey = decode_image(_jpeg(1200, 1000, grey=True), keep_grey=True, draft_shorter_side=480)
+    assert grey.mode == "L" and grey.size == (600, 500)
+    png = io.BytesIO()
+    Image.new("L", (1200, 1000)).save(png, "PNG")
+    assert decode_image(png.getvalue(), draft_shorter_side=480).size == (1200, 1000)  # JPEG only
+
+
+def test_caption_and_vqa_rows_decode_drafted_and_match_the_full_decode_closely(corpus: Path) -> None:
+    """A 1,200 x 1,000 JPEG caption row decodes at half size (its shorter side 500 still covers the largest draw,
+    480): the example's pixels are within 1 level on average (0.3 seen) and 4 at most (2 seen) of those built from
+    the full-size decode."""
+    tokenizer = BiomedGPTTokenizer.default()
+    builder = PretrainExampleBuilder(tokenizer, NegativeSamples.load(corpus / "negative_sample"), PretrainTaskConfig())
+    row = {"uniq_id": "c0", "image": _jpeg(1200, 1000, grey=True), "caption": "a chest film", "type": "caption"}
+    for seed in range(3):
+        drafted = builder.from_vision_language(row, rng_for(seed, 0, 0))[0].image
+        full, _ = builder.vl_transform(decode_image(row["image"], keep_grey=True), None, rng_for(seed, 0, 0))
+        levels = (drafted.double() - full.double()).abs()
+        assert drafted.shape == full.shape and levels.mean() < 1.0 and levels.max() <= 4, float(levels.mean())
+        assert levels.max() > 0  # it was decoded drafted: otherwise the two would be identical
