@@ -65,7 +65,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # radiograph_corpus, next to this script
 
-import biomedgpt.data  # noqa: F401 - registers the parquet reader with streaming
+
 import biomedgpt.data.pretrain_tasks as pretrain_tasks
 from biomedgpt.data import transforms as T
 from biomedgpt.data.convert import convert

@@ -3,12 +3,11 @@
 Upstream streaming only reads MDS, JSONL and CSV/TSV shards; readers are looked up by the ``format`` field of each
 shard entry in ``index.json`` (``streaming.base.format._readers``). We add a reader for ``format: "parquet"``.
 
-Why registration is lazy: ``import streaming`` takes ~6 s (it imports torch, torchvision and transformers), and the
-converter, which only *writes* shards, should not pay that. :func:`install_lazy_registration` (run by
-``import biomedgpt.data``) registers the reader at once if streaming is already imported, and otherwise hooks the
-import of ``streaming.base.format`` so the reader is registered the moment streaming is imported. The reader class
-itself (:data:`ParquetReader`) is built on first use for the same reason and is importable by name (pickling for
-DataLoader workers started with ``spawn`` works).
+Registration is one explicit call, :func:`register_parquet_reader`, which the datasets of
+:mod:`biomedgpt.data.pipeline` make when they are built (a plain ``streaming.StreamingDataset`` over converted shards
+needs it first). The reader class (:data:`ParquetReader`) is built on first use, because ``import streaming`` takes
+~6 s (it imports torch, torchvision and transformers) and the converter, which only *writes* shards, should not pay
+that; it is importable by name (pickling for DataLoader workers started with ``spawn`` works).
 
 Shard entry in ``index.json`` (version 2, as streaming expects; extra keys are ours)::
 
@@ -27,12 +26,9 @@ how streaming knows to (re)download a shard.
 from __future__ import annotations
 
 import hashlib
-import importlib.abc
-import importlib.machinery
 import io
 import json
 import os
-import sys
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
@@ -48,7 +44,6 @@ __all__ = [
     "INDEX_BASENAME",
     "ParquetShardWriter",
     "ShardInfo",
-    "install_lazy_registration",
     "read_index",
     "register_parquet_reader",
     "shard_basename",
@@ -403,67 +398,13 @@ def __getattr__(name: str) -> Any:
 
 
 def register_parquet_reader() -> type:
-    """Register the reader under ``format: "parquet"`` in streaming's reader table (idempotent)."""
+    """Register the reader under ``format: "parquet"`` in streaming's reader table (idempotent; imports streaming).
+
+    streaming looks a shard's reader up by the ``format`` of its ``index.json`` entry in a module-level table for
+    which it has no public function, so the class is written into that table.
+    """
     import streaming.base.format as formats
 
     cls = get_reader_class()
     formats._readers[FORMAT_NAME] = cls
     return cls
-
-
-_HOOKED_MODULE = "streaming.base.format"
-
-
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the real loader of ``streaming.base.format`` to register our reader after it."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _HOOKED_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _RegisteringLoader(spec.loader)
-        return spec
-
-
-class _RegisteringLoader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self._inner = inner
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self._inner.exec_module(module)
-        # Hand the module back to its real loader (inspect, importlib.resources and reloads use it).
-        module.__loader__ = self._inner
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._inner
-        # The format package is complete here; streaming.base.format.base.reader (our base class) is loaded.
-        module._readers[FORMAT_NAME] = get_reader_class()
-        _remove_hook()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-_hook: _RegisterAfterImport | None = None
-
-
-def _remove_hook() -> None:
-    global _hook
-    if _hook is not None and _hook in sys.meta_path:
-        sys.meta_path.remove(_hook)
-    _hook = None
-
-
-def install_lazy_registration() -> None:
-    """Register now if streaming is imported, else as soon as it is (without importing it here)."""
-    global _hook
-    if _HOOKED_MODULE in sys.modules:
-        register_parquet_reader()
-        return
-    if _hook is None:
-        _hook = _RegisterAfterImport()
-        sys.meta_path.insert(0, _hook)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
-import biomedgpt.data  # noqa: F401 - registers the parquet shard reader with streaming
 from biomedgpt.data.examples import Example, collate
 from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder
+from biomedgpt.data.parquet_shards import register_parquet_reader
 from biomedgpt.data.pretrain_tasks import IMAGE_TEXT_TASKS, PretrainExampleBuilder
 from biomedgpt.data.transforms import rng_for
 
@@ -52,6 +52,7 @@ class RandomAccessRows:
     """Rows of a converted directory by index (auxiliary sources), through a streaming dataset."""
 
     def __init__(self, local: str, remote: str | None = None, **kwargs: Any) -> None:
+        register_parquet_reader()
         self.dataset = StreamingDataset(local=local, remote=remote, shuffle=False, **kwargs)
         self.size = int(self.dataset.num_samples)
         if self.size == 0:
@@ -90,6 +91,7 @@ class PretrainStream(StreamingDataset):
         remote_root: str | None = None,
         **streaming_kwargs: Any,
     ) -> None:
+        register_parquet_reader()
         super().__init__(local=vision_language, remote=_remote(remote_root, "vision_language"), **streaming_kwargs)
         self.builder = builder
         self.mixture = mixture or MixtureConfig()
@@ -128,6 +130,7 @@ class FinetuneStream(StreamingDataset):
         train: bool = True,
         **streaming_kwargs: Any,
     ) -> None:
+        register_parquet_reader()
         super().__init__(local=local, remote=remote, **streaming_kwargs)
         self.builder, self.seed, self.train = builder, seed, train
 

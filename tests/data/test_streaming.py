@@ -78,14 +78,15 @@ def _run_loader(job: dict[str, Any], phase: str, state: dict | None, stop_after:
 
 
 def _rank_main(job: dict[str, Any]) -> None:
-    import biomedgpt.data  # registers the parquet reader before streaming is imported
+    from biomedgpt.data import register_parquet_reader
     from biomedgpt.data.distributed_env import apply_distributed_env
 
-    env = apply_distributed_env()
+    env = apply_distributed_env()  # before streaming is imported (register_parquet_reader imports it)
+    reader = register_parquet_reader()  # before a plain StreamingDataset over converted shards
     import streaming
 
     result: dict[str, Any] = {"rank": env.rank, "world_size": env.world_size}
-    assert streaming.base.format._readers["parquet"] is biomedgpt.data.parquet_shards.get_reader_class()
+    assert streaming.base.format._readers["parquet"] is reader
     if job.get("epoch"):
         dataset = _make_dataset(job, "epoch_local", GLOBAL_BATCH // env.world_size)
         rows = [(s["question_id"], hashlib.sha1(s["image"]).hexdigest()) for s in dataset]
@@ -185,14 +186,21 @@ def vqa_data(tmp_path_factory: pytest.TempPathFactory, tsvkit: Any) -> dict[str,
     return {"root": root, "data": str(root / "data"), "images": images}
 
 
-def test_plain_streaming_dataset_reads_rows_after_import(vqa_data: dict[str, Any]) -> None:
-    """`import biomedgpt.data` then a plain StreamingDataset(local=DIR), in a fresh interpreter: the reader is
-    registered lazily (biomedgpt.data itself does not import streaming)."""
+def test_plain_streaming_dataset_reads_rows_after_registration(vqa_data: dict[str, Any]) -> None:
+    """In a fresh interpreter: importing biomedgpt.data does not import streaming; a plain StreamingDataset(local=DIR)
+    over converted shards is refused (streaming knows no "parquet" format) until register_parquet_reader() is
+    called, and then yields the rows."""
     code = (
         "import sys, json\n"
         "import biomedgpt.data\n"
         "assert 'streaming' not in sys.modules, 'biomedgpt.data imported streaming eagerly'\n"
         "import streaming\n"
+        "try:\n"
+        f"    streaming.StreamingDataset(local={vqa_data['data']!r}, shuffle=False, batch_size=1)\n"
+        "    raise SystemExit('read without registration')\n"
+        "except KeyError as error:\n"
+        "    assert 'parquet' in str(error), error\n"
+        "biomedgpt.data.register_parquet_reader()\n"
         f"ds = streaming.StreamingDataset(local={vqa_data['data']!r}, shuffle=False, batch_size=1)\n"
         "print(json.dumps([[s['question_id'], s['answers'], s['source_line']] for s in ds]))\n"
     )
@@ -208,7 +216,9 @@ def test_plain_streaming_dataset_reads_rows_after_import(vqa_data: dict[str, Any
 def test_local_dataset_values_and_random_access(vqa_data: dict[str, Any], tmp_path: Path) -> None:
     import streaming
 
-    import biomedgpt.data  # noqa: F401
+    from biomedgpt.data import register_parquet_reader
+
+    register_parquet_reader()
 
     ds = streaming.StreamingDataset(local=vqa_data["data"], shuffle=False, batch_size=1)
     assert len(ds) == NUM_GOOD_ROWS
@@ -236,7 +246,9 @@ def test_remote_to_local_cache_with_hash_validation_and_eviction(vqa_data: dict[
     a few shards (streaming's minimum: 4x the largest) forces evictions and re-downloads during the epoch."""
     import streaming
 
-    import biomedgpt.data  # noqa: F401
+    from biomedgpt.data import register_parquet_reader
+
+    register_parquet_reader()
     from biomedgpt.data.convert import convert
     from biomedgpt.data.parquet_shards import ROW_GROUP_CACHE
 
@@ -285,7 +297,9 @@ def test_tampered_shard_fails_hash_validation(vqa_data: dict[str, Any], tmp_path
 
     import streaming
 
-    import biomedgpt.data  # noqa: F401
+    from biomedgpt.data import register_parquet_reader
+
+    register_parquet_reader()
 
     remote = tmp_path / "remote"
     shutil.copytree(vqa_data["data"], remote)

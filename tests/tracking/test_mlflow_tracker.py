@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import os
-import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -63,7 +63,11 @@ def _child_env() -> dict[str, str]:
 
 def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    # A selector, not select.select: that refuses descriptors above 1023, which a long pytest process reaches
+    # (mosaicml-streaming keeps shared-memory descriptors of every dataset an earlier test iterated).
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        ready = selector.select(timeout_s)
     assert ready, "child did not report in time"
     return proc.stdout.readline().strip()
 

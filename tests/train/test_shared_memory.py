@@ -132,8 +132,11 @@ def test_an_uninspectable_python_process_of_the_user_means_nothing_is_freed() ->
 HOLD_A_DATASET = textwrap.dedent(
     """
     import sys
-    import biomedgpt.data  # registers the parquet reader
     from streaming import StreamingDataset
+
+    from biomedgpt.data import register_parquet_reader
+
+    register_parquet_reader()
 
     dataset = StreamingDataset(local=sys.argv[1], batch_size=2, shuffle=False)
     print(f"{dataset._shm_prefix_int:06d}", flush=True)

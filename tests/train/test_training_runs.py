@@ -24,6 +24,7 @@ from training_jobs import (
     SMALL,
     environment,
     losses,
+    metric_records,
     mlflow_runs,
     run_training,
 )
@@ -95,15 +96,25 @@ def runs_of(run_dir: Path, store: Path | None = None) -> list:
 
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(data_root, tmp_path):
+    """The same global batch of 8 rows split three ways: 2 ranks x 1 micro-batch of 4, 2 ranks x 2 of 2 and 1 rank x
+    4 of 2. Losses and gradient norms per step must agree: a loss normalised per micro-batch instead of over the
+    global batch, or gradients summed instead of averaged across ranks, changes them (the gradient norm shows a
+    constant factor that AdamW and clipping would hide from the losses)."""
     # Dropout and drop-path off, ResNet BatchNorm frozen: the only difference is how the batch is split.
-    extra = [*DETERMINISTIC, "model.resnet_norm=frozen"]
-    run(data_root, tmp_path / "two", nproc=2, steps=3, extra=extra)
-    run(data_root, tmp_path / "one", nproc=1, steps=3, extra=extra)
-    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert sorted(two) == sorted(one) == [1, 2, 3]
-    for step in two:
-        assert two[step] == pytest.approx(one[step], rel=1e-4), (step, two, one)
-    assert two[1] != two[2]  # the steps saw different batches
+    extra = [*DETERMINISTIC, "model.resnet_norm=frozen", "batch.global_batch_size=8"]
+    splits = {"2x4": (2, 4), "2x2x2": (2, 2), "1x2x4": (1, 2)}
+    records = {}
+    for name, (nproc, micro) in splits.items():
+        run(data_root, tmp_path / name, nproc=nproc, steps=3, extra=[*extra, f"batch.micro_batch_size={micro}"])
+        records[name] = {r["step"]: r for r in metric_records(tmp_path / name) if "loss" in r}
+    reference = records["2x4"]
+    assert sorted(reference) == [1, 2, 3]
+    for name, steps in records.items():
+        assert sorted(steps) == [1, 2, 3], name
+        for step in steps:
+            for key in ("loss", "grad_norm"):
+                assert steps[step][key] == pytest.approx(reference[step][key], rel=1e-4), (name, step, key)
+    assert reference[1]["loss"] != reference[2]["loss"]  # the steps saw different batches
 
 
 def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
