@@ -280,7 +280,7 @@ def count_flops(args: argparse.Namespace, size: str, device: torch.device) -> di
 
 
 def ds_config(args: argparse.Namespace, stage: int, device: torch.device) -> dict[str, Any]:
-    """Like ds_configs/zero{2,3}_bf16.json and zero3_cpu.json, for one rank."""
+    """Like biomedgpt/train/ds_configs/zero{2,3}_bf16.json and zero3_cpu.json, for one rank."""
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": device.type == "cuda", "contiguous_gradients": True,
                             "reduce_bucket_size": 50_000_000}  # fmt: skip
     if stage == 3:

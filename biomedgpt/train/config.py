@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# Package data (setup.cfg), so that a wheel install finds them as the checkout does.
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 TASKS = ("pretrain", "vqa", "caption", "summarization", "nli", "classification")
 # The sizes of biomedgpt.model.config.MODEL_SIZES, spelt out: importing that module loads transformers (seconds),
 # which loading a config, `--help` and the start checks must not wait for. A test keeps the two lists equal.
@@ -222,7 +223,7 @@ class TrainConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     precision: Literal["fp32", "bf16"] = "fp32"
-    deepspeed_config: str = "zero3_cpu.json"  # a file in ds_configs/ or a path
+    deepspeed_config: str = "zero3_cpu.json"  # a file in biomedgpt/train/ds_configs/ or a path
     log_every_steps: int = 1
     peak_tflops: float | None = None  # device peak for MFU; None: look the device up in the table
     seed: int = 0

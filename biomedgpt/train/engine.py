@@ -98,7 +98,7 @@ def resolve_deepspeed_config(config: TrainConfig, world_size: int, cuda: bool | 
         # correct, but CPUs without bf16 matrix units run it slower than fp32.
         warnings.warn(
             "precision=bf16 on CPU: DeepSpeed's CPU accelerator trains in bf16 correctly but usually slower than "
-            "fp32 (ds_configs/zero3_cpu_bf16.json is the CPU config); use precision=fp32 for speed",
+            "fp32 (zero3_cpu_bf16.json is the CPU config); use precision=fp32 for speed",
             UserWarning,
             stacklevel=2,
         )

@@ -199,7 +199,7 @@ def _compare(got: torch.nn.Module, expected: dict[str, torch.Tensor]) -> dict[st
 
 
 def _ds_config(world: int) -> dict[str, Any]:
-    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds = json.loads((REPO / "biomedgpt" / "train" / "ds_configs" / "zero3_cpu.json").read_text())
     ds.update(
         train_batch_size=2 * world,
         train_micro_batch_size_per_gpu=2,
