@@ -37,6 +37,13 @@ def _predictions(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
+def _vqa_score(record: dict) -> float:
+    """The recorded prediction's VQA score: its reference confidence (0 when it is not a reference answer)."""
+    references = record["references"]
+    confidences = references if isinstance(references, dict) else {answer: 1.0 for answer in references}
+    return float({k.strip().lower(): v for k, v in confidences.items()}.get(record["prediction"].strip().lower(), 0.0))
+
+
 def test_vqa_constrained_with_answer_types(model_dir: Path, demo: Path, tmp_path: Path) -> None:
     answers = load_answer_list(demo / "corpus" / "vqa_ans2label.json")
     types = json.loads((demo / "corpus" / "vqa_answer_types.json").read_text())
@@ -45,11 +52,16 @@ def test_vqa_constrained_with_answer_types(model_dir: Path, demo: Path, tmp_path
         image_size=IMAGE_SIZE, limit=2, progress=False,
     )  # fmt: skip
     assert metrics["count"] == 2 and metrics["answer_type_source"] == "given"
-    assert metrics["closed_count"] + metrics["open_count"] == 2
-    assert 0.0 <= metrics["accuracy"] <= 1.0
     predictions = _predictions(tmp_path)
     assert len(predictions) == 2
     assert all(p["prediction"] in answers for p in predictions)
+    # The reported metrics, recomputed from the recorded predictions and the given answer types.
+    scores = [_vqa_score(p) for p in predictions]
+    assert metrics["accuracy"] == pytest.approx(sum(scores) / 2)
+    for kind in ("closed", "open"):
+        mine = [score for p, score in zip(predictions, scores) if types[str(p["id"])].upper() == kind.upper()]
+        assert metrics[f"{kind}_count"] == len(mine)
+        assert metrics[f"{kind}_accuracy"] == (pytest.approx(sum(mine) / len(mine)) if mine else None)
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
 
 
@@ -70,29 +82,39 @@ def test_generative_tasks(model_dir: Path, demo: Path, tmp_path: Path, task: str
     metrics = evaluate(
         model_dir, task, _data(demo, task), tmp_path, beam=2, max_len_b=6, image_size=IMAGE_SIZE, progress=False
     )
-    keys = {"cider", "rouge_l"} if task == "caption" else {"rouge1", "rouge2", "rougeL"}
-    assert keys <= set(metrics)
-    assert all(metrics[k] >= 0.0 for k in keys)
-    if task == "summarization":
-        assert all(metrics[k] <= 1.0 for k in keys)
+    from biomedgpt.evaluation.metrics import caption_metrics, summary_metrics
+
     predictions = _predictions(tmp_path)
     assert len(predictions) == metrics["count"] == 2
-    assert all(isinstance(p["prediction"], str) and p["references"] for p in predictions)
+    assert all(p["prediction"] and p["references"] for p in predictions)
+    # The reported metrics are those of the recorded predictions against the recorded references.
+    if task == "caption":
+        expected = caption_metrics(
+            {i: p["prediction"] for i, p in enumerate(predictions)},
+            {i: p["references"] for i, p in enumerate(predictions)},
+        )
+    else:
+        expected = summary_metrics([p["prediction"] for p in predictions], [p["references"][0] for p in predictions])
+    keys = {"cider", "rouge_l"} if task == "caption" else {"rouge1", "rouge2", "rougeL"}
+    assert keys <= set(metrics)
+    for key in keys:
+        assert metrics[key] == pytest.approx(expected[key]), key
 
 
 def test_nli_and_classification(model_dir: Path, demo: Path, tmp_path: Path) -> None:
     nli = evaluate(model_dir, "nli", _data(demo, "nli"), tmp_path / "nli", image_size=IMAGE_SIZE, progress=False)
-    assert 0.0 <= nli["accuracy"] <= 1.0
-    assert {p["prediction"] for p in _predictions(tmp_path / "nli")} <= set(NLI_ANSWERS.values())
+    recorded = _predictions(tmp_path / "nli")
+    assert {p["prediction"] for p in recorded} <= set(NLI_ANSWERS.values())
+    assert nli["accuracy"] == pytest.approx(sum(p["prediction"] == p["reference"] for p in recorded) / len(recorded))
 
     classes = load_answer_list(demo / "corpus" / "classification_class2label.json")
     cls = evaluate(
         model_dir, "classification", _data(demo, "classification"), tmp_path / "cls", answers=classes,
         image_size=IMAGE_SIZE, batch_size=1, progress=False,
     )  # fmt: skip
-    assert 0.0 <= cls["accuracy"] <= 1.0 and cls["count"] == 2
     predictions = _predictions(tmp_path / "cls")
-    assert len(predictions) == 2 and all(p["prediction"] in classes for p in predictions)
+    assert cls["count"] == len(predictions) == 2 and all(p["prediction"] in classes for p in predictions)
+    assert cls["accuracy"] == pytest.approx(sum(p["prediction"] == p["reference"] for p in predictions) / 2)
 
 
 def test_mlflow_logging(model_dir: Path, demo: Path, tmp_path: Path) -> None:
