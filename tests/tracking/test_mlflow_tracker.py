@@ -22,6 +22,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from biomedgpt.tracking import (
     MLflowTracker,
@@ -132,16 +133,31 @@ def test_params_metrics_tags_artifacts_land_in_store(make_tracker: Any, client: 
     assert run_id is not None and run_id == tracker.run_id
     assert psutil.pid_exists(tracker.watchdog_pid)
 
-    t0 = time.perf_counter()
-    for step in range(200):
-        tracker.log_metrics(
-            {"loss": 10.0 / (step + 1), "loss/caption": 1.0, "loss/vqa": 2.0, "lr": 1e-4, "samples_per_s": 50},
-            step,
-        )
-    # Non-numbers are skipped and a name MLflow would refuse is repaired, rather than failing the whole batch.
-    tracker.log_metrics({"tokens_per_s": 5.0, "not a number": "x", "none": None, "grad norm!": 0.5}, 200)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 0.5, f"log_metrics blocked: {elapsed:.3f}s for 201 calls"
+    def log_all() -> None:
+        for step in range(200):
+            tracker.log_metrics(
+                {"loss": 10.0 / (step + 1), "loss/caption": 1.0, "loss/vqa": 2.0, "lr": 1e-4, "samples_per_s": 50},
+                step,
+            )
+        # Non-numbers are skipped and a name MLflow would refuse is repaired, rather than failing the whole batch.
+        tracker.log_metrics({"tokens_per_s": 5.0, "not a number": "x", "none": None, "grad norm!": 0.5}, 200)
+
+    # Every MLflow write is held at a gate while the training thread logs: log_metrics must return all the same
+    # (it only queues). No wall-clock bound on how fast: a synchronous write would wait at the gate until released.
+    gate, original = threading.Event(), MlflowClient.log_batch
+
+    def gated(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gate.wait(120)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MlflowClient, "log_batch", gated)
+        caller = threading.Thread(target=log_all, daemon=True)
+        caller.start()
+        caller.join(60)
+        returned = not caller.is_alive()
+        gate.set()
+    assert returned, "log_metrics waited for MLflow"
     tracker.set_tags({"phase": "warmup-done"})
     assert tracker.flush(timeout_s=20)
     watchdog_pid = tracker.watchdog_pid
