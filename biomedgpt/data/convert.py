@@ -283,6 +283,11 @@ def _iter_lines(task: _Task, stats: Counter[str]) -> Iterator[tuple[int, bytes]]
             raise ConversionError(f"{task.display_input} changed while being converted (shard {plan.shard_id})")
 
 
+def _prepares_images(kind: KindSpec, preparation_on: bool) -> bool:
+    """Whether a conversion of ``kind`` prepares images (and so writes the original-size columns)."""
+    return preparation_on and any(f.parser == "image" for f in kind.fields)
+
+
 def _prepare(
     row: dict[str, Any], decoded: tuple[Any, Any], preparation: ImagePreparation, counts: Counter[str]
 ) -> None:
@@ -312,7 +317,7 @@ def _convert_shard(task: _Task) -> dict[str, Any]:
     stats: Counter[str] = Counter()
     decodings: Counter[str] = Counter()  # kept rows' images by decoding rule
     prepared: Counter[str] = Counter()
-    preparing = task.preparation.enabled and any(f.parser == "image" for f in kind.fields)
+    preparing = _prepares_images(kind, task.preparation.enabled)
     schema = prepared_schema(kind.schema) if preparing else kind.schema
     writer = ParquetShardWriter(
         shard_path, schema, task.row_group_rows, task.compression_level, row_group_bytes=task.row_group_bytes
@@ -763,6 +768,7 @@ def _finish(
     summary.rejects_by_reason = dict(sorted(reasons.items()))
     summary.image_decodings = dict(decodings.most_common())
     summary.images_prepared = dict(sorted(prepared.items()))
+    preparing = _prepares_images(spec, "image_preparation" in config)
     summary.shards_with_rows = len(infos)
     if summary.rows_read != summary.rows_written + summary.rows_rejected:  # pragma: no cover - an internal bug
         raise ConversionError(
@@ -779,9 +785,9 @@ def _finish(
         "rows_written": summary.rows_written,
         "rows_rejected": summary.rows_rejected,
         "rows_clipped": summary.rows_clipped,
-        "columns": {f.name: str(f.type) for f in (prepared_schema(spec.schema) if prepared else spec.schema)},
+        "columns": {f.name: str(f.type) for f in (prepared_schema(spec.schema) if preparing else spec.schema)},
     }
-    if prepared:
+    if preparing:
         meta["images_prepared"] = summary.images_prepared
     write_index(out, infos, meta)
     return summary

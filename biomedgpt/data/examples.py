@@ -175,10 +175,14 @@ def images_on_device(batch: dict[str, Any], dtype: torch.dtype | None = None) ->
         mean = batch["image_mean"].to(images.device)[:, :, None, None]
         std = batch["image_std"].to(images.device)[:, :, None, None]
         images = (images.to(torch.float32) / 255.0 - mean) / std
-        blanks = batch["image_blank"].tolist()
-        for row, (top, bottom, left, right) in enumerate(blanks):
-            if bottom > top and right > left:
-                images[row, :, top:bottom, left:right] = 0
+        # Blank each example's block with a mask built on the device: reading the blocks back to the host (a loop
+        # of slices) would make every step wait for the GPU.
+        top, bottom, left, right = batch["image_blank"].to(images.device).unbind(1)
+        rows = torch.arange(images.shape[-2], device=images.device)
+        cols = torch.arange(images.shape[-1], device=images.device)
+        in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])  # [B, H]
+        in_cols = (cols >= left[:, None]) & (cols < right[:, None])  # [B, W]
+        images = images.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0.0)
     if dtype is not None:
         images = images.to(dtype)
     out["patch_images"] = images

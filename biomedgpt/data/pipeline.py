@@ -234,11 +234,10 @@ class BatchLoader(StreamingDataLoader):
             persistent_workers=num_workers > 0,
             pin_memory=self.pin and num_workers == 0,  # worker batches are pinned once they are tensors again
         )
-        self.converts = num_workers > 0
 
     def __iter__(self) -> Any:
         for batch in super().__iter__():
-            yield _to_tensors(batch, self.pin) if self.converts else batch
+            yield _to_tensors(batch, self.pin) if self.num_workers > 0 else batch
 
 
 def make_loader(dataset: Any, batch_size: int, collate_fn: Callable[..., Any], num_workers: int = 0) -> Any:

@@ -80,3 +80,10 @@ def tsvkit() -> object:
     from types import SimpleNamespace
 
     return SimpleNamespace(image_bytes=image_bytes, b64=b64, good_row=good_row, tsv_bytes=tsv_bytes, CODES=CODES)
+
+
+@pytest.fixture
+def single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process streaming datasets are one rank, whatever distributed variables the environment carries."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)

@@ -25,10 +25,7 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("single_process")
 
 
 def test_data_pipeline_benchmark_runs_and_its_ratios_follow_from_its_figures(tmp_path: Path) -> None:

@@ -149,9 +149,7 @@ def test_refusals_name_the_option(tmp_path: Path, write_tsv: Any, tsvkit: Any, c
     assert stop.value.code == 2 and "--max-shorter-side" in capsys.readouterr().err
 
 
-def test_training_resumes_mid_epoch_on_prepared_shards(
-    tmp_path: Path, write_tsv: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_training_resumes_mid_epoch_on_prepared_shards(tmp_path: Path, write_tsv: Any, single_process: None) -> None:
     """A StreamingDataLoader over prepared VQA shards, stopped after 2 batches and resumed from its state_dict in a
     new loader, yields the rest of the epoch exactly as the uninterrupted one (ids and uint8 images)."""
     import gc
@@ -162,8 +160,6 @@ def test_training_resumes_mid_epoch_on_prepared_shards(
     from biomedgpt.data.pipeline import FinetuneCollator, FinetuneStream, make_loader
     from biomedgpt.tokenizer import BiomedGPTTokenizer
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)  # one in-process rank
     rows = []
     for i in range(20):
         pixels = _gradient(120, 90, seed=i)

@@ -162,11 +162,7 @@ def _global_steps(per_rank_batches: list[list[list[str]]]) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------- tests
 
 
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process datasets here are one rank, whatever distributed variables the environment carries."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("single_process")  # in-process datasets here are one rank
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def _encoded_png() -> bytes:
 
 
 def test_worker_batches_arrive_as_the_same_tensors_as_in_process(
-    tmp_path: Path, tsvkit: object, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tsvkit: object, single_process: None
 ) -> None:
     """Workers send batches as numpy arrays (cheaper than a shared-memory segment per tensor); the loader turns them
     back into tensors equal, in value and dtype, to the batches built in-process."""
@@ -136,8 +136,6 @@ def test_worker_batches_arrive_as_the_same_tensors_as_in_process(
     from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder, FinetuneTaskConfig
     from biomedgpt.data.pipeline import FinetuneCollator, FinetuneStream, make_loader
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
     tsv = tmp_path / "vqa.tsv"
     tsv.write_bytes(tsvkit.tsv_bytes([tsvkit.good_row("vqa", i) for i in range(12)]))  # type: ignore[attr-defined]
     convert(str(tsv), "vqa", str(tmp_path / "vqa"))
