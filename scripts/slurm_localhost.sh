@@ -5,6 +5,10 @@
 #   scripts/slurm_localhost.sh stop     # stop slurmd, slurmctld and munged (started by this script)
 #   scripts/slurm_localhost.sh status   # sinfo, or a non-zero exit when the cluster is not up
 #
+# SLURM_LOCALHOST_VIRTUAL_NODES=N (default 0) adds N more nodes, bgslurm1..N, in partition `virtual`: each a slurmd
+# on a virtual host of scripts/virtual_nodes.sh (its own address, hostname, /dev/shm, spool, pid and log folders),
+# so `sbatch --partition=virtual --nodes=2` runs a real two-node job on this one machine.
+#
 # Idempotent: a running, idle cluster with the same configuration is left alone. Needs root (apt-get, daemons).
 # The node is named after `hostname -s` and has this machine's CPUs and memory; one partition `debug`.
 # No cgroups: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none. No accounting (sacct is unavailable).
@@ -18,6 +22,9 @@ STATE_DIR=/var/lib/slurm
 RUN_DIR=/run/slurm
 MUNGE_KEY=/etc/munge/munge.key
 WAIT_SECONDS=${SLURM_LOCALHOST_WAIT:-60}
+VIRTUAL_NODES=${SLURM_LOCALHOST_VIRTUAL_NODES:-0}
+VIRTUAL_NODES_SCRIPT=$(dirname "$(readlink -f "$0")")/virtual_nodes.sh
+VIRTUAL_STATE=$STATE_DIR/virtual # <node>/{run,spool,log}: what each virtual slurmd keeps apart
 
 die() {
     echo "slurm_localhost: error: $*" >&2
@@ -46,26 +53,44 @@ install_packages() {
 
 node_line() {
     # slurmd -C reports the hardware exactly as slurmd will see it (CPUs, sockets, cores, threads, RealMemory).
-    local name line cpus mem
-    name=$(hostname -s)
+    # A virtual node ($1 with address $2) sees the same hardware: the nodes share this machine.
+    local name=${1:-$(hostname -s)} addr=${2:-} line cpus mem
     line=$(slurmd -C 2>/dev/null | grep '^NodeName=' || true)
     if [[ -n $line ]]; then
         # Keep a little memory back so a rounding difference never drains the node ("Low RealMemory").
         mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$line")
         line=$(sed -e "s/^NodeName=[^ ]*/NodeName=$name/" -e "s/RealMemory=[0-9]*/RealMemory=$((mem * 95 / 100))/" \
             <<<"$line")
-        echo "$line State=UNKNOWN"
     else
         cpus=$(nproc)
         mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.95)}' /proc/meminfo)
-        echo "NodeName=$name CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+        line="NodeName=$name CPUs=$cpus RealMemory=$mem"
     fi
+    echo "$line${addr:+ NodeAddr=$addr} State=UNKNOWN"
+}
+
+virtual_node_names() {
+    local i
+    for ((i = 1; i <= VIRTUAL_NODES; i++)); do echo "bgslurm$i"; done
+}
+
+virtual_node_lines() {
+    # NodeName lines and the partition for the virtual nodes (made here: the addresses go into the config).
+    ((VIRTUAL_NODES > 0)) || return 0
+    local names name addr
+    mapfile -t names < <(virtual_node_names)
+    bash "$VIRTUAL_NODES_SCRIPT" up "${names[@]}" >"$STATE_DIR/virtual_nodes.list" ||
+        die "could not make the virtual nodes (scripts/virtual_nodes.sh up ${names[*]})"
+    while read -r name addr; do node_line "$name" "$addr"; done <"$STATE_DIR/virtual_nodes.list"
+    echo "PartitionName=virtual Nodes=$(IFS=,; echo "${names[*]}") MaxTime=INFINITE State=UP"
 }
 
 write_config() {
     local name tmp
     name=$(hostname -s)
     mkdir -p "$CONF_DIR" "$LOG_DIR" "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$RUN_DIR"
+    local virtual
+    virtual=$(virtual_node_lines)
     tmp=$(mktemp)
     cat >"$tmp" <<EOF
 # Written by scripts/slurm_localhost.sh: a single-node test cluster on $name.
@@ -101,6 +126,7 @@ InactiveLimit=0
 Waittime=0
 $(node_line)
 PartitionName=debug Nodes=$name Default=YES MaxTime=INFINITE State=UP
+$virtual
 EOF
     if [[ -f $CONF ]] && cmp -s "$tmp" "$CONF"; then
         rm -f "$tmp"
@@ -144,10 +170,33 @@ start_munge() {
     die "munge does not answer (munge -n | unmunge fails; see /var/log/munge/munged.log)"
 }
 
+virtual_pidfile() { echo "$VIRTUAL_STATE/$1/run/slurmd.pid"; }
+
+stop_virtual_slurmds() {
+    local pidfile
+    for pidfile in "$VIRTUAL_STATE"/*/run/slurmd.pid; do
+        [[ -e $pidfile ]] && stop_daemon "slurmd of $(basename "$(dirname "$(dirname "$pidfile")")")" "$pidfile"
+    done
+    return 0
+}
+
+start_virtual_slurmds() {
+    local name
+    for name in $(virtual_node_names); do
+        pid_alive "$(virtual_pidfile "$name")" && continue
+        mkdir -p "$VIRTUAL_STATE/$name"/{run,spool,log}
+        log "starting slurmd on virtual node $name (log $VIRTUAL_STATE/$name/log/slurmd.log)"
+        VIRTUAL_NODE_BINDS="$VIRTUAL_STATE/%n/run:$RUN_DIR $VIRTUAL_STATE/%n/spool:$STATE_DIR/slurmd $VIRTUAL_STATE/%n/log:$LOG_DIR" \
+            bash "$VIRTUAL_NODES_SCRIPT" exec "$name" slurmd ||
+            die "slurmd did not start on virtual node $name; see $VIRTUAL_STATE/$name/log/slurmd.log"
+    done
+}
+
 start_slurm() {
     local changed=$1
     if [[ $changed == 1 ]]; then
         # New configuration: restart whatever runs (an earlier configuration of this script).
+        stop_virtual_slurmds
         stop_daemon slurmd "$RUN_DIR/slurmd.pid"
         stop_daemon slurmctld "$RUN_DIR/slurmctld.pid"
     fi
@@ -159,17 +208,22 @@ start_slurm() {
         log "starting slurmd (log $LOG_DIR/slurmd.log)"
         slurmd || die "slurmd did not start; see $LOG_DIR/slurmd.log"
     fi
+    start_virtual_slurmds
 }
 
 wait_idle() {
-    local name state deadline
-    name=$(hostname -s)
+    local name
+    for name in "$(hostname -s)" $(virtual_node_names); do wait_node_idle "$name"; done
+}
+
+wait_node_idle() {
+    local name=$1 state deadline
     deadline=$((SECONDS + WAIT_SECONDS))
     while ((SECONDS < deadline)); do
         state=$(sinfo -h -n "$name" -o '%T' 2>/dev/null | head -n1 || true)
         case $state in
         idle | mixed | allocated | completing)
-            log "node $name is $state; partition debug is up"
+            log "node $name is $state"
             return 0
             ;;
         drain* | down*)
@@ -180,7 +234,7 @@ wait_idle() {
         sleep 1
     done
     sinfo -N -l >&2 || true
-    tail -n 20 "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" >&2 || true
+    tail -n 20 "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" "$VIRTUAL_STATE/$name/log/slurmd.log" >&2 2>/dev/null || true
     die "node $name did not become idle within ${WAIT_SECONDS}s (state: ${state:-unknown})"
 }
 
@@ -209,6 +263,7 @@ cmd_start() {
 
 cmd_stop() {
     need_root
+    stop_virtual_slurmds
     stop_daemon slurmd "$RUN_DIR/slurmd.pid"
     stop_daemon slurmctld "$RUN_DIR/slurmctld.pid"
     if [[ -s /run/munge/munged.pid ]]; then
@@ -220,6 +275,6 @@ case ${1:-start} in
 start) cmd_start ;;
 stop) cmd_stop ;;
 status) sinfo ;;
--h | --help | help) sed -n '2,11p' "$0" ;;
+-h | --help | help) sed -n '2,15p' "$0" ;;
 *) die "unknown command '$1' (start, stop, status)" ;;
 esac

@@ -8,13 +8,16 @@ the job checkpoints, requeues itself, resumes and finishes in the same MLflow ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from training_jobs import SMALL
@@ -48,16 +51,18 @@ def sbatch(template: Path, run_dir: Path, partition: str, variables: dict[str, s
     return proc.stdout.strip().split(";")[0]
 
 
-def submit(run_dir: Path, data_root: Path, partition: str, steps: int, every: int) -> str:
-    """``sbatch slurm/pretrain.sbatch`` running the demo pretraining for ``steps`` steps."""
+def submit(
+    run_dir: Path, data_root: Path, partition: str, steps: int, every: int, nodes: int = 1, *options: str
+) -> str:
+    """``sbatch slurm/pretrain.sbatch`` running the demo pretraining for ``steps`` steps on 2 ranks in all."""
     overrides = [o for o in demo_overrides(data_root, steps) if not o.startswith("checkpoint.dir=")]
     variables = dict(
         CONFIG="demo",
         OVERRIDES=" ".join([*overrides, *SMALL, f"checkpoint.every_steps={every}"]),
         CHECKPOINT_DIR=str(run_dir / "ckpt"),
-        CPU_PROCS_PER_NODE="2",
+        CPU_PROCS_PER_NODE=str(2 // nodes),
     )
-    return sbatch(TEMPLATE, run_dir, partition, variables)
+    return sbatch(TEMPLATE, run_dir, partition, variables, f"--nodes={nodes}", *options)
 
 
 def job_fields(job_id: str) -> dict[str, str]:
@@ -91,7 +96,7 @@ def wait_for_job(run_dir: Path, job_id: str, timeout: float = 420) -> dict[str, 
     raise AssertionError(f"job {job_id} did not finish in {timeout} s; log:\n{log_of(run_dir, job_id)[-4000:]}")
 
 
-def wait_for_step(run_dir: Path, job_id: str, step: int, timeout: float = 300) -> None:
+def wait_for_step(run_dir: Path, job_id: str, step: int, timeout: float = 300, poll: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     path = run_dir / "ckpt" / "metrics.jsonl"
     while time.monotonic() < deadline:
@@ -99,7 +104,7 @@ def wait_for_step(run_dir: Path, job_id: str, step: int, timeout: float = 300) -
             return
         if job_fields(job_id).get("JobState") in DONE_STATES:
             raise AssertionError(f"job ended before step {step}:\n{log_of(run_dir, job_id)[-4000:]}")
-        time.sleep(1)
+        time.sleep(poll)
     subprocess.run(["scancel", job_id], capture_output=True)
     raise AssertionError(f"step {step} not reached in {timeout} s:\n{log_of(run_dir, job_id)[-4000:]}")
 
@@ -155,26 +160,69 @@ def test_missing_inputs_fail_the_job_before_srun(slurm_cluster, data_root, tmp_p
     assert "step finished" not in log and not (tmp_path / "ckpt").exists()
 
 
-def test_usr1_checkpoints_requeues_and_resumes_in_the_same_mlflow_run(slurm_cluster, data_root, tmp_path):
-    steps = 5
-    job_id = submit(tmp_path, data_root, slurm_cluster, steps=steps, every=100)  # only the signal's checkpoint
+def training_ranks(job_id: str) -> list[psutil.Process]:
+    """The job's ranks on every node (the nodes share this machine's process table): torchrun's children."""
+    ranks = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            env = process.environ()
+            if (
+                env.get("SLURM_JOB_ID") == job_id
+                and "LOCAL_RANK" in env
+                and "LOCAL_RANK" not in process.parent().environ()
+            ):
+                ranks.append(process)
+    return ranks
+
+
+def signal_pending(process: psutil.Process, signum: int) -> bool:
+    """``signum`` is pending for the (stopped) process: bit signum-1 of ShdPnd in /proc/PID/status."""
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    pending = int(re.search(r"^ShdPnd:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(pending >> (signum - 1) & 1)
+
+
+def test_usr1_on_two_nodes_checkpoints_requeues_and_resumes_in_the_same_mlflow_run(
+    two_node_partition, data_root, tmp_path
+):
+    """The preemption path on a two-node job (two slurmd hosts): SIGUSR1 to the batch shell reaches both nodes'
+    ranks through srun and launch.sh, they agree on a step, save, exit 0, the job requeues itself and resumes.
+
+    No timing window: once step 2 is logged the ranks are frozen (SIGSTOP), the signal is sent and the test waits
+    until it is pending on both ranks, then lets them go on. They stop at the step they were in (or, when frozen
+    just after agreeing on that step, at the next), whatever the speed of the machine."""
+    steps = 6
+    job_id = submit(tmp_path, data_root, two_node_partition, steps, 100, 2)  # only the signal's checkpoint
     try:
-        wait_for_step(tmp_path, job_id, 2)
+        wait_for_step(tmp_path, job_id, 2, poll=0.1)
+        ranks = training_ranks(job_id)
+        assert len(ranks) == 2, (ranks, log_of(tmp_path, job_id)[-4000:])
+        for rank in ranks:
+            rank.suspend()
+        frozen_at = max(logged_steps(tmp_path))
+        assert frozen_at <= steps - 2, f"the job ran to step {frozen_at} of {steps} before it could be frozen"
         # What `#SBATCH --signal=B:USR1@300` does 300 s before the time limit: SIGUSR1 to the batch shell only.
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, capture_output=True)
+        deadline = time.monotonic() + 60
+        while not all(signal_pending(rank, signal.SIGUSR1) for rank in ranks):
+            assert time.monotonic() < deadline, "SIGUSR1 did not reach both ranks:\n" + log_of(tmp_path, job_id)
+            time.sleep(0.2)
+        for rank in ranks:
+            rank.resume()
         fields = wait_for_job(tmp_path, job_id)
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)  # no-op when the job is done
     log = log_of(tmp_path, job_id)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
     assert fields["Restarts"] == "1", log[-4000:]
+    assert "2 node(s) x 1 rank(s)" in log and "bgslurm[1-2]" in log
 
     assert "batch shell got SIGUSR1" in log
     assert "checkpoint saved, exiting 0" in log  # the ranks stopped cleanly
-    stopped = re.search(r"stopped at step (\d+) of 5; requeueing job", log)
+    stopped = re.search(rf"stopped at step (\d+) of {steps}; requeueing job", log)
     assert stopped is not None, log[-4000:]
     stopped_at = int(stopped.group(1))
-    assert 2 <= stopped_at < steps
+    assert stopped_at in (frozen_at, frozen_at + 1), (frozen_at, log[-4000:])
     assert "start 1 on" in log and "start 2 on" in log  # --open-mode=append: both starts in one log
     resumed = re.search(r"resuming from .* at step (\d+)", log)
     assert resumed is not None and int(resumed.group(1)) == stopped_at, log[-4000:]
@@ -187,6 +235,7 @@ def test_usr1_checkpoints_requeues_and_resumes_in_the_same_mlflow_run(slurm_clus
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.info.run_id == (tmp_path / "ckpt" / "mlflow_run_id").read_text().strip()
+    assert run.data.params["world_size"] == "2"
     assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, steps + 1))
 
 

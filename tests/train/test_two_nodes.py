@@ -159,7 +159,6 @@ def test_two_nodes_train_like_one_and_resume_after_sigkill(virtual_nodes, data_r
     assert sorted(continued) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):  # dropout on: equality needs the same samples, seeds and optimizer state
         assert continued[step] == pytest.approx(reference[step], rel=1e-5), (step, reference, continued)
-    runs = {run.info.run_id: run for run in mlflow_runs(store, "biomedgpt-demo")}
-    two_node_run = runs[(run_dir / "ckpt" / "mlflow_run_id").read_text().strip()]
-    assert len(runs) == 2  # the restart continued the killed job's run
-    assert two_node_run.info.status == "FINISHED" and two_node_run.data.params["world_size"] == "2"
+    runs = mlflow_runs(store, "biomedgpt-demo")
+    assert len(runs) == 2  # the one-node run and the two-node job: its restart continued its run
+    assert all(run.info.status == "FINISHED" and run.data.params["world_size"] == "2" for run in runs)
