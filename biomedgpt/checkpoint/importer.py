@@ -101,20 +101,28 @@ class AdaptedStateDict:
     state_dict: dict[str, torch.Tensor]
     renamed: dict[str, str] = field(default_factory=dict)  # source key -> our key
     dropped: dict[str, str] = field(default_factory=dict)  # source key -> why
+    stripped_prefix: str | None = None
 
 
 @dataclass(frozen=True)
 class StateDictAdapter:
-    """Maps one source layout's keys onto ours: ``(regex, replacement)`` renames applied in order."""
+    """Maps one source layout's keys onto ours: ``(regex, replacement)`` renames applied in order, and back."""
 
     layout: str
     renames: tuple[tuple[str, str], ...]
     strip_prefix: str | None = None  # some exports nest everything under e.g. "model."
+    inverse: tuple[tuple[str, str], ...] = ()  # our names -> this layout's, for messages about absent keys
 
     def rename(self, key: str) -> str:
         for pattern, replacement in self.renames:
             key = re.sub(pattern, replacement, key)
         return key
+
+    def source_key(self, ours: str, prefix: str | None = None) -> str:
+        """The name our key ``ours`` has in this layout (``prefix``: the one :meth:`to_ours` stripped)."""
+        for pattern, replacement in self.inverse:
+            ours = re.sub(pattern, replacement, ours)
+        return (prefix or "") + ours
 
     def to_ours(self, state_dict: Mapping[str, Any]) -> AdaptedStateDict:
         """Rename, drop rebuilt buffers, fold the tied embedding copies into ``encoder.embed_tokens.weight``."""
@@ -140,7 +148,7 @@ class StateDictAdapter:
                 raise CheckpointImportError(f"two checkpoint keys map to {ours!r} (the second is {key!r})")
             out[ours] = value
         _fold_tied_embedding(out, dropped)
-        return AdaptedStateDict(out, renamed, dropped)
+        return AdaptedStateDict(out, renamed, dropped, strip)
 
 
 def _rebuilt_reason(key: str, value: Any) -> str:
@@ -173,19 +181,31 @@ def _fold_tied_embedding(state_dict: dict[str, torch.Tensor], dropped: dict[str,
 # Our module tree follows fairseq's (spec 7.2), so its keys need no renaming.
 FAIRSEQ_ADAPTER = StateDictAdapter(FAIRSEQ, renames=())
 
-# The transformers OFA port renamed these fragments (spec 7.3); "cross_attn." with its dot so the LayerNorm
-# names (cross_attn_layer_norm, cross_attn_mid_layer_norm) are left to their own rules.
+# The transformers OFA port renamed these fragments of the layer keys (spec 7.3; OFA-Sys/OFA feature/add_transformers
+# modeling_ofa.py OFAEncoderLayer/OFADecoderLayer): (side, the port's name, ours). The patterns end in a dot so that
+# "cross_attn." leaves the LayerNorm names that start with it (cross_attn_layer_norm, ...) to their own rules.
+_HF_OFA_FRAGMENTS = (
+    ("encoder", "self_attn_mid_layer_norm", "attn_ln"),
+    ("decoder", "self_attn_mid_layer_norm", "self_attn_ln"),
+    ("encoder", "ffn_layer_norm", "ffn_layernorm"),
+    ("decoder", "ffn_layer_norm", "ffn_layernorm"),
+    ("decoder", "cross_attn", "encoder_attn"),
+    ("decoder", "cross_attn_layer_norm", "encoder_attn_layer_norm"),
+    ("decoder", "cross_attn_mid_layer_norm", "cross_attn_ln"),
+)
+
+
+def _layer_renames(fragments: Iterable[tuple[str, str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (rf"^{side}\.layers\.(\d+)\.{re.escape(old)}\.", rf"{side}.layers.\1.{new}.") for side, old, new in fragments
+    )
+
+
 HF_OFA_ADAPTER = StateDictAdapter(
     HF_OFA,
-    renames=(
-        (r"^encoder\.layers\.(\d+)\.self_attn_mid_layer_norm\.", r"encoder.layers.\1.attn_ln."),
-        (r"^decoder\.layers\.(\d+)\.self_attn_mid_layer_norm\.", r"decoder.layers.\1.self_attn_ln."),
-        (r"^(encoder|decoder)\.layers\.(\d+)\.ffn_layer_norm\.", r"\1.layers.\2.ffn_layernorm."),
-        (r"^decoder\.layers\.(\d+)\.cross_attn\.", r"decoder.layers.\1.encoder_attn."),
-        (r"^decoder\.layers\.(\d+)\.cross_attn_layer_norm\.", r"decoder.layers.\1.encoder_attn_layer_norm."),
-        (r"^decoder\.layers\.(\d+)\.cross_attn_mid_layer_norm\.", r"decoder.layers.\1.cross_attn_ln."),
-    ),
+    renames=_layer_renames(_HF_OFA_FRAGMENTS),
     strip_prefix="model.",
+    inverse=_layer_renames((side, ours, theirs) for side, theirs, ours in _HF_OFA_FRAGMENTS),
 )
 
 _HF_MARKER = re.compile(r"\.(self_attn_mid_layer_norm|ffn_layer_norm|cross_attn_layer_norm)\.|\.cross_attn\.")
@@ -1051,24 +1071,42 @@ def import_checkpoint(
                 adapted.dropped[key] = "c_attn of ones (identity head scaling) in a checkpoint without NormFormer"
 
     check = check_state_dict(state_dict, config)
+
+    source_names = {ours: theirs for theirs, ours in adapted.renamed.items()}
+
+    def named(keys: Iterable[str]) -> list[str]:
+        # Our key names, and the checkpoint's own where it spells them differently (e.g. the port's
+        # cross_attn_mid_layer_norm for our cross_attn_ln), so the user can find them in their file: the real source
+        # key for tensors it has, the layout's name for those it lacks.
+        out = []
+        for key in keys:
+            theirs = source_names.get(key) or (
+                key if key in state_dict else adapter.source_key(key, adapted.stripped_prefix)
+            )
+            out.append(key if theirs == key else f"{key} ({layout} name {theirs})")
+        return out
+
     errors: list[str] = []
     if check.mismatched:
-        rows = [f"  {k}: model {list(m)}, checkpoint {list(c)}" for k, m, c in check.mismatched[:12]]
+        rows = [
+            f"  {n}: model {list(m)}, checkpoint {list(c)}"
+            for n, (_, m, c) in zip(named(k for k, _, _ in check.mismatched[:12]), check.mismatched[:12])
+        ]
         more = f"\n  ... ({len(check.mismatched) - 12} more)" if len(check.mismatched) > 12 else ""
         errors.append(f"size mismatch for {len(check.mismatched)} tensors:\n" + "\n".join(rows) + more)
     if check.unexpected_architecture:
         errors.append(
             f"checkpoint tensors this model has no place for ({len(check.unexpected_architecture)}): "
-            + _format_keys(check.unexpected_architecture)
+            + _format_keys(named(check.unexpected_architecture))
         )
     if check.missing and not allow_missing:
         errors.append(
-            f"missing from the checkpoint ({len(check.missing)}): {_format_keys(check.missing)}"
+            f"missing from the checkpoint ({len(check.missing)}): {_format_keys(named(check.missing))}"
             " (--allow-missing keeps their fresh initialisation)"
         )
     if check.unexpected_other and strict:
         errors.append(
-            f"unexpected keys ({len(check.unexpected_other)}): {_format_keys(check.unexpected_other)}"
+            f"unexpected keys ({len(check.unexpected_other)}): {_format_keys(named(check.unexpected_other))}"
             " (without --strict they are reported and left out)"
         )
     if errors:
@@ -1079,10 +1117,12 @@ def import_checkpoint(
         raise CheckpointImportError(message)
     if check.unexpected_other:
         warnings.append(
-            f"left out {len(check.unexpected_other)} unexpected keys: {_format_keys(check.unexpected_other)}"
+            f"left out {len(check.unexpected_other)} unexpected keys: {_format_keys(named(check.unexpected_other))}"
         )
     if check.missing:
-        warnings.append(f"{len(check.missing)} keys missing, left freshly initialised: {_format_keys(check.missing)}")
+        warnings.append(
+            f"{len(check.missing)} keys missing, left freshly initialised: {_format_keys(named(check.missing))}"
+        )
 
     # The vocabulary is checked before anything is written.
     tokenizer = None

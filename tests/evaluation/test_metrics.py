@@ -1,29 +1,24 @@
-"""Tests for biomedgpt.evaluation.metrics: every expected value is derived by hand in the comments."""
+"""Tests for biomedgpt.evaluation.metrics: hand-derived values (derivations in the comments) and differential tests
+against pycocoevalcap / rouge-score called directly on seeded random corpora."""
 
 from __future__ import annotations
 
 import math
-import pickle
-from collections import defaultdict
+import random
+import statistics
 
 import pytest
+from pycocoevalcap.cider.cider_scorer import CiderScorer
+from pycocoevalcap.rouge.rouge import Rouge
+from rouge_score.rouge_scorer import RougeScorer
 
 from biomedgpt.evaluation import (
-    DocumentFrequency,
-    PorterStemmer,
     accuracy,
     bioclean,
-    caption_cider_d,
     caption_metrics,
-    cider_d_scores,
-    compute_document_frequency,
     fix_tokenization,
-    load_document_frequency,
     postprocess_summary,
-    rouge_l,
-    rouge_score_pair,
     rouge_scores,
-    rouge_tokenize,
     summary_metrics,
     vqa_accuracy,
 )
@@ -125,6 +120,14 @@ def test_bioclean_matches_original_character_set() -> None:
     assert bioclean("Café Ünïcödé.") == "café ünïcödé"
 
 
+def _cider(candidates: dict, references: dict) -> float:
+    return caption_metrics(candidates, references, clean=False)["cider"]
+
+
+def _rouge_l(candidate: str, references: list[str]) -> float:
+    return caption_metrics({0: candidate}, {0: references}, clean=False)["rouge_l"]
+
+
 def test_cider_d_two_image_toy_corpus() -> None:
     # Corpus df (N = 2 images, log N = log 2 =: w).  Image A refs: "a black cat", "a cat"; image B ref: "a dog".
     # "a" occurs in both documents: idf = log 2 - log 2 = 0.  Every other n-gram (also unseen ones, df -> 1) has
@@ -141,15 +144,12 @@ def test_cider_d_two_image_toy_corpus() -> None:
     #     n=1: hyp {a: 0, dog: w, runs: w} |h| = w*sqrt2, ref {a: 0, dog: w} |r| = w: w^2 / (w^2 sqrt2) = 1/sqrt2
     #     n=2: hyp {"a dog": w, "dog runs": w}, ref {"a dog": w}: 1/sqrt2 ; n=3: ref norm 0 -> 0 ; n=4: 0
     #   score = 10 * (2 * e/sqrt2) / 4 = 5 * e / sqrt2
+    # corpus CIDEr-D = mean of the two (no x100)
     candidates = {"A": "a cat", "B": "a dog runs"}
     references = {"A": ["a black cat", "a cat"], "B": ["a dog"]}
-    expected_a = 1.25 * (2 + PENALTY_1 / math.sqrt(2))  # 3.37169...
-    expected_b = 5 * PENALTY_1 / math.sqrt(2)  # 3.48677...
-    scores = cider_d_scores(candidates, references)
-    assert scores["A"] == pytest.approx(expected_a, abs=1e-9)
-    assert scores["B"] == pytest.approx(expected_b, abs=1e-9)
-    assert caption_cider_d(candidates, references) == pytest.approx((expected_a + expected_b) / 2, abs=1e-9)
-    assert caption_cider_d(candidates, references) == pytest.approx(3.4292304372, abs=1e-9)
+    expected = (1.25 * (2 + PENALTY_1 / math.sqrt(2)) + 5 * PENALTY_1 / math.sqrt(2)) / 2
+    assert _cider(candidates, references) == pytest.approx(expected, abs=1e-9)
+    assert _cider(candidates, references) == pytest.approx(3.4292304372, abs=1e-9)
 
 
 def test_cider_d_clipping() -> None:
@@ -157,71 +157,49 @@ def test_cider_d_clipping() -> None:
     #   n=1 clipped dot = min(2w, w) * w = w^2, norms 2w * w -> 1/2 (unclipped it would be 2w^2 / 2w^2 = 1)
     #   n=2: ref has no bigram -> 0 ; lengths 1 vs 0 bigrams -> penalty e  => 10 * (e / 2) / 4 = 1.25 e
     # Item 1: "dog" vs "dog": n=1 -> 1, rest 0, delta 0 => 10 * 1 / 4 = 2.5
-    scores = cider_d_scores({0: "cat cat", 1: "dog"}, {0: ["cat"], 1: ["dog"]})
-    assert scores[0] == pytest.approx(1.25 * PENALTY_1, abs=1e-9)
-    assert scores[1] == pytest.approx(2.5, abs=1e-9)
-
-
-def test_cider_d_supplied_document_frequency() -> None:
-    # cached df (original '*-valid-words.p' layout): N = 10 documents, df(a) = 10, df(black) = 2, df(cat) = 5.
-    # weights: a: log10 - log10 = 0 ; black: log10 - log2 = log5 ; cat: log10 - log5 = log2 ; unseen: log10.
-    # hyp "a cat" vs ref "a black cat":
-    #   n=1: dot = log2 * log2 ; |h| = log2 ; |r| = sqrt(log5^2 + log2^2)  -> log2 / sqrt(log5^2 + log2^2)
-    #   n=2: hyp {"a cat"} vs ref {"a black", "black cat"}: 0 ; n=3,4: 0 ; penalty e (bigrams 1 vs 2)
-    #   score = 10 * e * log2 / sqrt(log5^2 + log2^2) / 4 = 0.97524...
-    cached = {"document_frequency": defaultdict(float, {("a",): 10.0, ("black",): 2.0, ("cat",): 5.0}), "ref_len": 10}
-    expected = 2.5 * PENALTY_1 * math.log(2) / math.sqrt(math.log(5) ** 2 + math.log(2) ** 2)
-    assert caption_cider_d({0: "a cat"}, {0: ["a black cat"]}, document_frequency=cached) == pytest.approx(
-        expected, abs=1e-9
-    )
-    stats = DocumentFrequency(counts=dict(cached["document_frequency"]), num_documents=10)
-    assert caption_cider_d({0: "a cat"}, {0: ["a black cat"]}, document_frequency=stats) == pytest.approx(
-        expected, abs=1e-9
-    )
-    # with corpus df a one-image corpus has log N = 0 and every weight 0 -> CIDEr-D 0 (no NaN)
-    assert caption_cider_d({0: "a cat"}, {0: ["a cat"]}) == 0.0
-
-
-def test_load_document_frequency_round_trip(tmp_path) -> None:
-    references = {"A": ["a black cat", "a cat"], "B": ["a dog"]}
-    stats = compute_document_frequency(references)
-    assert stats.num_documents == 2
-    assert stats.counts[("a",)] == 2 and stats.counts[("black", "cat")] == 1
-    path = tmp_path / "toy-valid-words.p"
-    with open(path, "wb") as handle:
-        pickle.dump({"document_frequency": defaultdict(float, stats.counts), "ref_len": 2}, handle, protocol=2)
-    candidates = {"A": "a cat", "B": "a dog runs"}
-    # supplying the corpus's own statistics must give the corpus-df value
-    assert caption_cider_d(candidates, references, document_frequency=load_document_frequency(path)) == pytest.approx(
-        caption_cider_d(candidates, references), abs=1e-12
+    assert _cider({0: "cat cat", 1: "dog"}, {0: ["cat"], 1: ["dog"]}) == pytest.approx(
+        (1.25 * PENALTY_1 + 2.5) / 2, abs=1e-9
     )
 
 
-def test_cider_d_identical_and_empty() -> None:
+def test_cider_d_identical_empty_and_one_image() -> None:
     # distinct 4-word captions, each identical to its reference: every n-gram has df 1, all cosines 1, delta 0
     # -> 10 * 4/4 = 10, the maximum
-    assert caption_cider_d({1: "a b c d", 2: "e f g h"}, {1: ["a b c d"], 2: ["e f g h"]}) == pytest.approx(10.0)
-    # empty hypothesis: zero norm -> 0
-    assert cider_d_scores({1: "", 2: "e f g h"}, {1: ["a b c d"], 2: ["e f g h"]})[1] == 0.0
+    assert _cider({1: "a b c d", 2: "e f g h"}, {1: ["a b c d"], 2: ["e f g h"]}) == pytest.approx(10.0)
+    # empty hypothesis: zero norm -> 0 for item 1, 10 for item 2 -> mean 5 (no NaN)
+    assert _cider({1: "", 2: "e f g h"}, {1: ["a b c d"], 2: ["e f g h"]}) == pytest.approx(5.0)
+    # a one-image corpus has log N = 0, so every weight is 0 -> CIDEr-D 0
+    assert _cider({0: "a cat"}, {0: ["a cat"]}) == 0.0
+
+
+def test_caption_metrics_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="differ"):
-        caption_cider_d({1: "a"}, {2: ["a"]})
-    with pytest.raises(ValueError, match="non-empty list"):
-        caption_cider_d({1: "a"}, {1: "a"})
+        caption_metrics({1: "a"}, {2: ["a"]})
+    with pytest.raises(ValueError, match="no items"):
+        caption_metrics({}, {})
+    with pytest.raises(ValueError, match="references of 1 must be a string or a non-empty list"):
+        caption_metrics({1: "a"}, {1: []})
+    with pytest.raises(ValueError, match="references of 1 must be"):
+        caption_metrics({1: "a"}, {1: [None]})
+    with pytest.raises(ValueError, match="candidate of 1 must be a string"):
+        caption_metrics({1: None}, {1: "a"})
+    # "..." cleans to "": no reference n-gram at all, which the library cannot score
+    with pytest.raises(ValueError, match="every reference caption is empty"):
+        caption_metrics({1: "a", 2: "b"}, {1: "...", 2: ["", "!"]})
 
 
 def test_rouge_l_pycocoevalcap() -> None:
     # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5; P = R = 5/6 -> F = 5/6
-    assert rouge_l("the cat sat on the mat", ["the cat is on the mat"]) == pytest.approx(5 / 6, abs=TOL)
-    # P = 2/2 = 1, R = 2/6; F = (1 + 1.44) * 1 * (1/3) / (1/3 + 1.44 * 1) = 2.44 / 5.32
-    assert rouge_l("the cat", ["the cat sat on the mat"]) == pytest.approx(2.44 / 5.32, abs=TOL)
+    assert _rouge_l("the cat sat on the mat", ["the cat is on the mat"]) == pytest.approx(5 / 6, abs=TOL)
+    # P = 2/2 = 1, R = 2/6; F = (1 + 1.44) * 1 * (1/3) / (1/3 + 1.44 * 1) = 2.44 / 5.32   (beta = 1.2)
+    assert _rouge_l("the cat", ["the cat sat on the mat"]) == pytest.approx(2.44 / 5.32, abs=TOL)
     # P and R are maximised independently: ref1 gives P = 3/3 (R = 3/6), ref2 "a" gives R = 1/1 (P = 1/3)
     # -> F(1, 1) = 1, although the best single-reference F is 2.44 * 0.5 / (0.5 + 1.44) = 0.629
-    assert rouge_l("a b c", ["a b c d e f", "a"]) == pytest.approx(1.0, abs=TOL)
-    assert rouge_l("same words here", ["same words here"]) == 1.0
-    assert rouge_l("", ["a b"]) == 0.0
-    # split(" ") as pycocoevalcap: the double space is an empty token, "a  b" has 3 tokens, LCS with "a b" is 2
+    assert _rouge_l("a b c", ["a b c d e f", "a"]) == pytest.approx(1.0, abs=TOL)
+    assert _rouge_l("", ["a b"]) == 0.0
+    # split(" "): the double space is an empty token, "a  b" has 3 tokens, LCS with "a b" is 2
     # P = 2/3, R = 1 -> 2.44 * (2/3) / (1 + 1.44 * 2/3) = (4.88/3) / 1.96
-    assert rouge_l("a  b", ["a b"]) == pytest.approx(4.88 / 5.88, abs=TOL)
+    assert _rouge_l("a  b", ["a b"]) == pytest.approx(4.88 / 5.88, abs=TOL)
 
 
 def test_caption_metrics_after_bioclean() -> None:
@@ -238,91 +216,120 @@ def test_caption_metrics_after_bioclean() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# differential tests against the libraries on random corpora
+# ----------------------------------------------------------------------------------------------------------------------
+
+# inflected forms (so stemming matters), numbers, capitals and punctuation that bioclean / rouge-score treat specially
+_VOCABULARY = (
+    "the a of in with no is are was were left right lung lungs pleural effusion effusions opacity opacities "
+    "consolidation consolidated heart cardiac enlarged enlargement normal abnormal abnormality mild moderate severe "
+    "showing shows shown fracture fractured fractures lesion lesions mass masses nodular nodule nodules running "
+    "generalization generalized relational conditional hopefulness adoption controlling radically dying skies "
+    "Type CT MRI X-ray Café naïve don't it's 1 10 1,000 3.5 2nd 50%"
+)
+_WORDS = _VOCABULARY.split()
+_PUNCT = list(".,?;:!()[]{}\"'/-%&#$@<>=*_+~`|")
+
+
+def _random_text(rng: random.Random, base: str | None = None) -> str:
+    if base is not None and rng.random() < 0.7:  # a perturbed copy of the base text, so that n-grams overlap
+        return " ".join(
+            word if rng.random() < 0.7 else rng.choice(_WORDS) for word in base.split() if rng.random() < 0.9
+        )
+    length = rng.choice([0, 1, 2, 30]) if rng.random() < 0.15 else rng.randint(3, 20)
+    words = []
+    for _ in range(length):
+        word = words[-1] if words and rng.random() < 0.15 else rng.choice(_WORDS)  # repeated words
+        if rng.random() < 0.2:
+            word = word.upper() if rng.random() < 0.5 else word.capitalize()
+        if rng.random() < 0.15:
+            word += rng.choice(_PUNCT)
+        if rng.random() < 0.08:
+            word = rng.choice(_PUNCT) + " " + word
+        words.append(word)
+    return ("  " if rng.random() < 0.05 else " ").join(words)
+
+
+def _random_caption_corpus(seed: int, size: int) -> tuple[dict[str, str], dict[str, str | list[str]]]:
+    rng = random.Random(seed)
+    candidates: dict[str, str] = {}
+    references: dict[str, str | list[str]] = {}
+    for i in range(size):
+        base = _random_text(rng)
+        count = rng.randint(1, 5)
+        refs = [_random_text(rng, base) for _ in range(count)]
+        key = f"img{i}"
+        references[key] = refs[0] if count == 1 and rng.random() < 0.5 else refs  # the original's single string
+        candidates[key] = _random_text(rng, base)
+    return candidates, references
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_caption_metrics_equal_pycocoevalcap_on_random_corpora(seed: int) -> None:
+    candidates, references = _random_caption_corpus(seed, 300)
+    # the library the documented way (pycocoevalcap/eval.py, with bioclean in place of the PTB tokenizer)
+    gts = {k: [bioclean(v)] if isinstance(v, str) else [bioclean(r) for r in v] for k, v in references.items()}
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for key in gts:
+        scorer += (bioclean(candidates[key]), gts[key])
+    cider, _ = scorer.compute_score()
+    rouge = Rouge()
+    rouge_l = statistics.fmean(rouge.calc_score([bioclean(candidates[k])], gts[k]) for k in gts)
+
+    result = caption_metrics(candidates, references)
+    assert result["cider"] == pytest.approx(cider, rel=1e-12, abs=1e-12)
+    assert result["rouge_l"] == pytest.approx(rouge_l, rel=1e-12, abs=1e-12)
+    # the corpora are not degenerate: scores are neither 0 nor perfect
+    assert 0.1 < result["cider"] < 5 and 0.1 < result["rouge_l"] < 0.95
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_summary_metrics_equal_rouge_score_on_random_corpora(seed: int) -> None:
+    rng = random.Random(100 + seed)
+    predictions = [_random_text(rng) for _ in range(300)]
+    references = [_random_text(rng, p) for p in predictions]
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    pairs = [scorer.score(r.lower(), postprocess_summary(p)) for p, r in zip(predictions, references)]
+    expected = {key: statistics.fmean(pair[key].fmeasure for pair in pairs) for key in ("rouge1", "rouge2", "rougeL")}
+    result = summary_metrics(predictions, references)
+    assert result == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert all(0.1 < value < 0.95 for value in result.values())
+    # the options reach the scorer: no stemming, no 1 -> # masking
+    plain = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    pairs = [plain.score(r.lower(), postprocess_summary(p, False)) for p, r in zip(predictions, references)]
+    unstemmed = summary_metrics(predictions, references, replace_one_with_hash=False, use_stemmer=False)
+    assert unstemmed == pytest.approx(
+        {key: statistics.fmean(pair[key].fmeasure for pair in pairs) for key in unstemmed}, rel=1e-12, abs=1e-12
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # summarization
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_porter_stemmer_matches_nltk_documented_outputs() -> None:
-    # the examples of NLTK's stem howto (default NLTK_EXTENSIONS mode, as used by rouge-score)
-    words = [
-        "caresses",
-        "flies",
-        "dies",
-        "mules",
-        "denied",
-        "died",
-        "agreed",
-        "owned",
-        "humbled",
-        "sized",
-        "meeting",
-        "stating",
-        "siezing",
-        "itemization",
-        "sensational",
-        "traditional",
-        "reference",
-        "colonizer",
-        "plotted",
-    ]
-    stems = "caress fli die mule deni die agre own humbl size meet state siez item sensat tradit refer colon plot"
-    stemmer = PorterStemmer()
-    assert [stemmer.stem(word) for word in words] == stems.split()
-    # Porter's paper examples and NLTK departures
-    cases = {
-        "ponies": "poni",
-        "ties": "tie",
-        "hopping": "hop",
-        "falling": "fall",
-        "filing": "file",
-        "happy": "happi",
-        "enjoy": "enjoy",
-        "sky": "sky",
-        "dying": "die",
-        "relational": "relat",
-        "conditional": "condit",
-        "rational": "ration",
-        "hopefulness": "hope",
-        "adoption": "adopt",
-        "cease": "ceas",
-        "controlling": "control",
-        "geology": "geolog",
-        "radically": "radic",
-        "running": "run",
-        "is": "is",
-    }
-    assert {word: stemmer.stem(word) for word in cases} == cases
-
-
-def test_rouge_tokenize_unicode_and_punctuation() -> None:
-    # lower, runs of non [a-z0-9] -> space: "café" -> "caf", "naïve" -> "na ve", "x-ray's" -> "x ray s"
-    assert rouge_tokenize("Café—naïve  X-ray's 2nd!", use_stemmer=False) == ["caf", "na", "ve", "x", "ray", "s", "2nd"]
-    # only tokens longer than 3 characters are stemmed ("cats" -> "cat", "was" stays)
-    assert rouge_tokenize("Cats was", use_stemmer=True) == ["cat", "was"]
-    assert rouge_tokenize("?!", use_stemmer=True) == []
+def test_rouge_tokenization_unicode_punctuation_and_stemming() -> None:
+    # rouge-score: lower, runs of non [a-z0-9] -> space: "café" -> "caf", "naïve" -> "na ve", "x-ray's" -> "x ray s"
+    assert rouge_scores(["Café—naïve  X-ray's 2nd!"], ["caf na ve x ray s 2nd"], use_stemmer=False)["rouge2"] == 1.0
+    # Porter stems: relational/relate -> relat, conditional/condition -> condit; unstemmed nothing matches
+    assert rouge_scores(["relational conditional"], ["relate condition"])["rouge2"] == 1.0
+    assert rouge_scores(["relational conditional"], ["relate condition"], use_stemmer=False)["rouge1"] == 0.0
+    # only tokens longer than 3 characters are stemmed: "does" -> "doe", "was" stays (not "wa")
+    assert rouge_scores(["does was"], ["doe was"])["rouge1"] == 1.0
+    assert rouge_scores(["?!"], ["some text"])["rouge1"] == 0.0
 
 
 def test_rouge_n_and_l_hand_computed() -> None:
-    scores = rouge_score_pair("the cat sat on the mat", "the cat is on the mat")
-    # unigrams: {the: 2, cat, sat, on, mat} vs {the: 2, cat, is, on, mat}: overlap 2+1+1+1 = 5 of 6 each -> 5/6
-    assert scores["rouge1"].fmeasure == pytest.approx(5 / 6, abs=TOL)
-    # bigrams: 5 each, common {the cat, on the, the mat} = 3 -> P = R = F = 3/5
-    assert scores["rouge2"].precision == pytest.approx(0.6, abs=TOL)
-    assert scores["rouge2"].fmeasure == pytest.approx(0.6, abs=TOL)
-    # LCS 5 -> 5/6 (rouge-score's F is the balanced F1, not pycocoevalcap's beta = 1.2)
-    assert scores["rougeL"].fmeasure == pytest.approx(5 / 6, abs=TOL)
-
-    short = rouge_score_pair("the cat", "the cat sat on the mat")
-    # rouge1: overlap 2, P = 2/2, R = 2/6 -> 2 * 1 * (1/3) / (4/3) = 0.5 ; rouge2: 1 of 1 vs 1 of 5 -> 2*0.2/1.2 = 1/3
-    assert short["rouge1"].fmeasure == pytest.approx(0.5, abs=TOL)
-    assert short["rouge2"].fmeasure == pytest.approx(1 / 3, abs=TOL)
-    assert short["rougeL"].fmeasure == pytest.approx(0.5, abs=TOL)
-
-    # corpus value is the mean of the per-pair F-measures
+    # pair 1: unigrams {the: 2, cat, sat, on, mat} vs {the: 2, cat, is, on, mat}: overlap 5 of 6 each -> F 5/6
+    #   bigrams: 5 each, common {the cat, on the, the mat} = 3 -> 3/5 ; LCS 5 -> 5/6 (balanced F1, not beta 1.2)
+    # pair 2 "the cat" vs "the cat sat on the mat": rouge1 P = 1, R = 1/3 -> 0.5 ; rouge2 1/1 vs 1/5 -> 2*0.2/1.2
+    #   = 1/3 ; rougeL LCS 2 -> 0.5.   Corpus values: plain means of the per-pair F-measures.
     corpus = rouge_scores(["the cat sat on the mat", "the cat"], ["the cat is on the mat", "the cat sat on the mat"])
     assert corpus["rouge1"] == pytest.approx((5 / 6 + 0.5) / 2, abs=TOL)
     assert corpus["rouge2"] == pytest.approx((0.6 + 1 / 3) / 2, abs=TOL)
     assert corpus["rougeL"] == pytest.approx((5 / 6 + 0.5) / 2, abs=TOL)
+    with pytest.raises(ValueError, match="1 predictions but 2 references"):
+        rouge_scores(["a"], ["a", "b"])
 
 
 def test_rouge_stemming_identical_and_empty() -> None:
