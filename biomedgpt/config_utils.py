@@ -14,6 +14,12 @@ Typical use::
     dump_config_yaml(cfg, out_dir / "config.yaml")
     mlflow.log_params(flatten_dict(config_to_dict(cfg)))
 
+Why the conversion is written here and not delegated to dacite or pydantic: both were tried against today's
+behaviour (the same 201 edge cases, every message). dacite stops at the first error, loses list indices and resets
+``init=False`` fields set in ``__post_init__``; pydantic's lax mode accepts ``1`` for a bool and rejects ``"1e-4"``
+for a float, its strict mode rejects a YAML list for a tuple, and its error locations cannot tell a list index from
+a dict key or name the section of an unknown key. Matching the messages took more code than this converter in both.
+
 File format: a mapping whose keys are the dataclass fields. The top-level key ``base`` (a preset name, a path, or a
 list of them) is reserved: the named configs are loaded first and this file is deep-merged over them (mappings are
 merged key by key, anything else - lists included - is replaced). Relative paths are resolved against the folder of

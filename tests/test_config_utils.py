@@ -369,6 +369,91 @@ def test_missing_required_fields() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Where the loader's rules differ from plain dacite (it converts the values; these pin what the hooks and walk add)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_scalars_from_a_yaml_file(in_tmp: Path) -> None:
+    write(
+        in_tmp / "scalars.yaml",
+        "optimizer: {lr: 1e-4, weight_decay: 1}\nmax_steps: 2e3\n"
+        'data: {shuffle: "yes", path: shards/a, weights: {1: 2}}\n',
+    )
+    cfg = load_config(TrainConfig, "scalars.yaml")
+    assert cfg.optimizer.lr == pytest.approx(1e-4) and type(cfg.optimizer.lr) is float  # YAML read the str "1e-4"
+    assert cfg.optimizer.weight_decay == 1.0 and type(cfg.optimizer.weight_decay) is float  # an int for a float
+    assert cfg.max_steps == 2000 and type(cfg.max_steps) is int
+    assert cfg.data.shuffle is True  # the quoted word "yes"
+    assert cfg.data.path == Path("shards/a")  # a str for a Path field
+    assert cfg.data.weights == {"1": 2.0}  # YAML's int key 1 for a dict[str, float]
+    write(in_tmp / "int_bool.yaml", "data: {shuffle: 1}\n")
+    with pytest.raises(ConfigError, match=r"^invalid value for 'data\.shuffle': expected bool, got 1 \(from int_bool"):
+        load_config(TrainConfig, "int_bool.yaml")
+
+
+@dataclass
+class Pair:
+    pair: tuple[int, str] = (0, "")
+
+
+def test_fixed_tuples_from_yaml_lists_use_each_position_type(in_tmp: Path) -> None:
+    # dacite alone builds a list's items all with the tuple's first type, so "a" would be rejected as an int.
+    assert load_config(Pair, write(in_tmp / "pair.yaml", "pair: [1, a]\n")).pair == (1, "a")
+    with pytest.raises(ConfigError, match=r"^invalid value for 'pair\[1\]': expected str, got 2 \(from pair2\.yaml\)"):
+        load_config(Pair, write(in_tmp / "pair2.yaml", "pair: [1, 2]\n"))
+
+
+def test_several_bad_values_in_one_section_are_all_reported() -> None:
+    # dacite stops at the first bad field; every one is named here, and their section's __post_init__ never runs.
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(TrainConfig, None, ["max_steps=x", "micro_batch_size=y", "optimizer.lr=z", "optimizer.lr_rate=1"])
+    assert errors_of(excinfo) == [
+        "invalid value for 'max_steps': expected int, got 'x' (from command line)",
+        "invalid value for 'micro_batch_size': expected int, got 'y' (from command line)",
+        "invalid value for 'optimizer.lr': expected float, got 'z' (from command line)",
+        "unknown key 'optimizer.lr_rate' (from command line); did you mean 'optimizer.lr'?",
+    ]
+
+
+@dataclass
+class Stage:
+    steps: int = 1
+    label: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be at least 1")
+        self.label = f"{self.steps} steps"
+
+
+@dataclass
+class Plan:
+    note: str | None  # no default: required although it may be null
+    stages: list[Stage] = field(default_factory=list)
+    first: Stage = field(default_factory=Stage)
+
+
+def test_dataclass_rules_dacite_does_not_have() -> None:
+    plan = load_config(Plan, {"note": None, "stages": [{"steps": 2}, {}], "first": {"steps": 3}})
+    # init=False fields keep what __post_init__ computed (dacite would set them back to their default afterwards).
+    assert [s.label for s in plan.stages] == ["2 steps", "1 steps"] and plan.first.label == "3 steps"
+    with pytest.raises(ConfigError, match=r"^missing required key 'note' \(no default\)"):  # dacite: None
+        load_config(Plan, {})
+    # init=False fields are not config keys (dacite would take the key and set the field).
+    with pytest.raises(ConfigError, match=r"^unknown key 'first\.label' \(from <dict>\)"):
+        load_config(Plan, {"note": "x", "first": {"label": "mine"}})
+    # Dataclasses inside a list get the same treatment as sections, named by their index (the first bad item).
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(Plan, None, ["note=x", "stages=[{steps: 2}, {step: 3}, {steps: x}]"])
+    assert errors_of(excinfo) == ["unknown key 'stages[1].step' (from command line); did you mean 'stages[1].steps'?"]
+    with pytest.raises(ConfigError, match=r"^invalid value for 'stages\[1\]\.steps': expected int, got 'x' \(from c"):
+        load_config(Plan, None, ["note=x", "stages=[{steps: 2}, {steps: x}]"])
+    with pytest.raises(ConfigError, match=r"^stages\[0\]: steps=0 must be at least 1$") as excinfo:
+        load_config(Plan, {"note": "x", "stages": [{"steps": 0}]})
+    assert isinstance(excinfo.value.__cause__, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Overrides syntax
 # ---------------------------------------------------------------------------------------------------------------------
 
