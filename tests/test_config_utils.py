@@ -369,7 +369,8 @@ def test_missing_required_fields() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Where the loader's rules differ from plain dacite (it converts the values; these pin what the hooks and walk add)
+# Where the loader's rules differ from a plain library call (pydantic converts the values; these pin what the
+# preparation before it and the messages after it add)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -397,14 +398,13 @@ class Pair:
 
 
 def test_fixed_tuples_from_yaml_lists_use_each_position_type(in_tmp: Path) -> None:
-    # dacite alone builds a list's items all with the tuple's first type, so "a" would be rejected as an int.
     assert load_config(Pair, write(in_tmp / "pair.yaml", "pair: [1, a]\n")).pair == (1, "a")
     with pytest.raises(ConfigError, match=r"^invalid value for 'pair\[1\]': expected str, got 2 \(from pair2\.yaml\)"):
         load_config(Pair, write(in_tmp / "pair2.yaml", "pair: [1, 2]\n"))
 
 
 def test_several_bad_values_in_one_section_are_all_reported() -> None:
-    # dacite stops at the first bad field; every one is named here, and their section's __post_init__ never runs.
+    # Every bad field is named, in the order given, and their section's __post_init__ never runs.
     with pytest.raises(ConfigError) as excinfo:
         load_config(TrainConfig, None, ["max_steps=x", "micro_batch_size=y", "optimizer.lr=z", "optimizer.lr_rate=1"])
     assert errors_of(excinfo) == [
@@ -433,19 +433,22 @@ class Plan:
     first: Stage = field(default_factory=Stage)
 
 
-def test_dataclass_rules_dacite_does_not_have() -> None:
+def test_dataclass_rules_for_init_false_required_and_lists() -> None:
     plan = load_config(Plan, {"note": None, "stages": [{"steps": 2}, {}], "first": {"steps": 3}})
-    # init=False fields keep what __post_init__ computed (dacite would set them back to their default afterwards).
+    # init=False fields keep what __post_init__ computed.
     assert [s.label for s in plan.stages] == ["2 steps", "1 steps"] and plan.first.label == "3 steps"
-    with pytest.raises(ConfigError, match=r"^missing required key 'note' \(no default\)"):  # dacite: None
+    with pytest.raises(ConfigError, match=r"^missing required key 'note' \(no default\)"):  # not None
         load_config(Plan, {})
-    # init=False fields are not config keys (dacite would take the key and set the field).
+    # init=False fields are not config keys.
     with pytest.raises(ConfigError, match=r"^unknown key 'first\.label' \(from <dict>\)"):
         load_config(Plan, {"note": "x", "first": {"label": "mine"}})
-    # Dataclasses inside a list get the same treatment as sections, named by their index (the first bad item).
+    # Dataclasses inside a list get the same treatment as sections, named by their index; every bad item is named.
     with pytest.raises(ConfigError) as excinfo:
         load_config(Plan, None, ["note=x", "stages=[{steps: 2}, {step: 3}, {steps: x}]"])
-    assert errors_of(excinfo) == ["unknown key 'stages[1].step' (from command line); did you mean 'stages[1].steps'?"]
+    assert errors_of(excinfo) == [
+        "unknown key 'stages[1].step' (from command line); did you mean 'stages[1].steps'?",
+        "invalid value for 'stages[2].steps': expected int, got 'x' (from command line)",
+    ]
     with pytest.raises(ConfigError, match=r"^invalid value for 'stages\[1\]\.steps': expected int, got 'x' \(from c"):
         load_config(Plan, None, ["note=x", "stages=[{steps: 2}, {steps: x}]"])
     with pytest.raises(ConfigError, match=r"^stages\[0\]: steps=0 must be at least 1$") as excinfo:
