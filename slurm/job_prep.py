@@ -84,7 +84,7 @@ def sqlite_store_warning(tracking_uri: str, mounts: Path = Path("/proc/mounts"))
 
 
 def latest_step(checkpoint_dir: Path) -> int:
-    from biomedgpt.train.checkpointing import complete_tags, step_of_tag
+    from biomedgpt.checkpoint.layout import complete_tags, step_of_tag
 
     tags = complete_tags(checkpoint_dir)
     return (step_of_tag(tags[0]) or 0) if tags else 0

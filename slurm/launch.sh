@@ -91,7 +91,7 @@ biomedgpt_batch_main() {
     # Topology: one srun task per node; torchrun starts PROCS_PER_NODE ranks on each.
     NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-    MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))} # same rule as biomedgpt.data.distributed_env
+    MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))} # same rule as biomedgpt.runtime.launcher_env
     if [[ -z ${GPUS_PER_NODE:-} ]]; then
         GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
         if [[ -z $GPUS_PER_NODE && -n ${SLURM_JOB_GPUS:-} ]]; then # --gres=gpu:N sets only the GPU ids, "0,1,2,3"

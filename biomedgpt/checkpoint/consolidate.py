@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from biomedgpt.checkpoint.errors import DEFAULT_MAX_SHARD_SIZE, ConsolidationError, VerificationError
+from biomedgpt.checkpoint.layout import COMPLETE_MARKER, CONFIG_FILES, LATEST_FILE, TOKENIZER_DIR, step_of_tag
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from biomedgpt.model_dir_files import TASK_FILE
 from biomedgpt.output_dirs import OutputDirError, check_output_dir, replace_output_dir, staging_dir
@@ -62,9 +63,6 @@ __all__ = [
 
 TOOL = "biomedgpt-consolidate"
 
-LATEST_FILE = "latest"
-CONFIG_FILES = ("config.json", "model_config.json")
-TOKENIZER_DIR = "tokenizer"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
@@ -243,8 +241,6 @@ class ZeroCheckpoint:
         return path, tag, directory
 
     def _check_complete(self) -> None:
-        from biomedgpt.train.checkpointing import COMPLETE_MARKER, step_of_tag
-
         # The trainer marks a tag complete only after every rank wrote it; DeepSpeed alone writes no marker.
         if step_of_tag(self.tag) is not None and not (self.directory / COMPLETE_MARKER).is_file():
             warnings.warn(
@@ -480,7 +476,7 @@ def _find_task_file(checkpoint: ZeroCheckpoint) -> Path | None:
     return None
 
 
-def _read_model_config(path: Path) -> BiomedGPTConfig:
+def read_model_config(path: Path) -> BiomedGPTConfig:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -505,27 +501,48 @@ class ModelSources:
     tokenizer_origin: str
 
 
+@dataclass(frozen=True)
+class ConfigBuilder:
+    """A model config that the checkpoint tools do not read themselves (e.g. from a training config, which the
+    trainer owns): ``build`` makes it for the tokenizer in use; ``tokenizer`` is the one to use when neither the
+    caller nor the checkpoint gives one."""
+
+    origin: str
+    build: Callable[[BiomedGPTTokenizer], BiomedGPTConfig]
+    tokenizer: Callable[[], BiomedGPTTokenizer]
+    tokenizer_origin: str
+
+
+def is_model_config(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a model's ``config.json`` or a directory holding one (not a training config)."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "config.json").is_file()
+    return path.suffix == ".json" and path.is_file() and "model_type" in path.read_text()
+
+
 def resolve_model_sources(
     checkpoint: ZeroCheckpoint,
-    config_from: str | os.PathLike[str] | BiomedGPTConfig | None = None,
+    config_from: str | os.PathLike[str] | BiomedGPTConfig | ConfigBuilder | None = None,
     tokenizer: str | os.PathLike[str] | BiomedGPTTokenizer | None = None,
-    config_overrides: Sequence[str] = (),
 ) -> ModelSources:
-    """Model config: ``config_from`` (a BiomedGPTConfig, a ``config.json`` file or model directory, or a training
-    preset/YAML), else the checkpoint's ``config.json``/``model_config.json`` (tag, then checkpoint directory).
-    Tokenizer: ``tokenizer`` (a directory), else the checkpoint's ``tokenizer/``, else the training config's."""
-    train_config = None
-    if isinstance(config_from, BiomedGPTConfig):
+    """Model config: ``config_from`` (a BiomedGPTConfig, a ``config.json`` file or model directory, or a
+    :class:`ConfigBuilder`), else the checkpoint's ``config.json``/``model_config.json`` (tag, then checkpoint
+    directory). Tokenizer: ``tokenizer`` (a directory), else the checkpoint's ``tokenizer/``, else the builder's."""
+    builder = config_from if isinstance(config_from, ConfigBuilder) else None
+    if builder is not None:
+        config, config_origin = None, builder.origin
+    elif isinstance(config_from, BiomedGPTConfig):
         config, config_origin = config_from, "given config"
     elif config_from is not None:
         path = Path(config_from)
-        if path.is_dir() and (path / "config.json").is_file():
-            config, config_origin = _read_model_config(path / "config.json"), str(path / "config.json")
-        elif path.suffix == ".json" and path.is_file() and "model_type" in path.read_text():
-            config, config_origin = _read_model_config(path), str(path)
-        else:
-            train_config = _load_train_config(str(config_from), config_overrides)
-            config, config_origin = None, f"training config {config_from}"
+        if not is_model_config(path):
+            raise ConsolidationError(
+                f"{path}: not a model config.json or a directory holding one (biomedgpt-consolidate --config-from "
+                "also reads a training preset or YAML)"
+            )
+        found = path / "config.json" if path.is_dir() else path
+        config, config_origin = read_model_config(found), str(found)
     else:
         found = _find_config_file(checkpoint)
         if found is None:
@@ -533,7 +550,7 @@ def resolve_model_sources(
                 f"no model config in {checkpoint.directory} or {checkpoint.root} (looked for "
                 f"{' / '.join(CONFIG_FILES)}); pass --config-from with the training preset or YAML, or a config.json"
             )
-        config, config_origin = _read_model_config(found), str(found)
+        config, config_origin = read_model_config(found), str(found)
 
     if isinstance(tokenizer, BiomedGPTTokenizer):
         tok, tokenizer_origin = tokenizer, "given tokenizer"
@@ -541,14 +558,12 @@ def resolve_model_sources(
         tok, tokenizer_origin = _read_tokenizer(Path(tokenizer)), str(tokenizer)
     elif (found_tok := _find_tokenizer_dir(checkpoint)) is not None:
         tok, tokenizer_origin = _read_tokenizer(found_tok), str(found_tok)
-    elif train_config is not None:
-        from biomedgpt.train.engine import load_tokenizer
-
+    elif builder is not None:
         try:
-            tok = load_tokenizer(train_config)
+            tok = builder.tokenizer()
         except (OSError, ValueError) as error:
-            raise ConsolidationError(f"--config-from {config_from}: cannot load its tokenizer ({error})") from error
-        tokenizer_origin = train_config.data.tokenizer or "the packaged default tokenizer (training config)"
+            raise ConsolidationError(f"--config-from {builder.origin}: cannot load its tokenizer ({error})") from error
+        tokenizer_origin = builder.tokenizer_origin
     else:
         raise ConsolidationError(
             f"no tokenizer in {checkpoint.directory / TOKENIZER_DIR} or {checkpoint.root / TOKENIZER_DIR}; "
@@ -556,34 +571,17 @@ def resolve_model_sources(
         )
 
     if config is None:
+        assert builder is not None
         try:
-            config = _model_config_from_train(train_config, tok)
+            config = builder.build(tok)
         except ValueError as error:  # BiomedGPTConfig.validate: an impossible combination
-            raise ConsolidationError(f"--config-from {config_from}: {error}") from error
+            raise ConsolidationError(f"--config-from {builder.origin}: {error}") from error
     if len(tok) != config.vocab_size:
         raise ConsolidationError(
             f"the tokenizer from {tokenizer_origin} has {len(tok)} ids but the model config from {config_origin} has "
             f"vocab_size={config.vocab_size}; pass the tokenizer the run used (--tokenizer)"
         )
     return ModelSources(config, tok, config_origin, tokenizer_origin)
-
-
-def _load_train_config(source: str, overrides: Sequence[str]) -> Any:
-    from biomedgpt.config_utils import ConfigError, load_config
-    from biomedgpt.train.config import TrainConfig, preset_paths
-
-    try:
-        return load_config(TrainConfig, source, list(overrides), presets=preset_paths())
-    except (ConfigError, FileNotFoundError) as error:
-        raise ConsolidationError(f"--config-from {source}: {error}") from error
-
-
-def _model_config_from_train(train_config: Any, tokenizer: BiomedGPTTokenizer) -> BiomedGPTConfig:
-    from biomedgpt.train.engine import model_config_for
-
-    if train_config.model.init_from:  # the run started from a model directory and kept its config
-        return _read_model_config(Path(train_config.model.init_from) / "config.json")
-    return model_config_for(train_config, len(tokenizer))
 
 
 def _read_tokenizer(path: Path) -> BiomedGPTTokenizer:
@@ -771,9 +769,8 @@ def consolidate_checkpoint(
     tag: str | None = "latest",
     dtype: str | torch.dtype = "fp32",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-    config_from: str | os.PathLike[str] | BiomedGPTConfig | None = None,
+    config_from: str | os.PathLike[str] | BiomedGPTConfig | ConfigBuilder | None = None,
     tokenizer: str | os.PathLike[str] | BiomedGPTTokenizer | None = None,
-    config_overrides: Sequence[str] = (),
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConsolidationResult:
@@ -789,7 +786,7 @@ def consolidate_checkpoint(
     output = Path(output_dir)
     _check_output(output, checkpoint_dir, overwrite)  # before any work
     checkpoint = ZeroCheckpoint(checkpoint_dir, tag)
-    sources = resolve_model_sources(checkpoint, config_from, tokenizer, config_overrides)
+    sources = resolve_model_sources(checkpoint, config_from, tokenizer)
     entries, tied = _plan_entries(checkpoint, sources.config, out_dtype)
     shards = _plan_shards(entries, shard_limit)
     names = _shard_names(len(shards))

@@ -23,6 +23,7 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from biomedgpt.checkpoint.errors import DEFAULT_MAX_SHARD_SIZE, ConsolidationError
 from biomedgpt.output_dirs import OutputDirError
@@ -88,24 +89,57 @@ def _show_warning(message: Warning | str, *args: object, **kwargs: object) -> No
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
+def training_config_builder(source: str, overrides: Sequence[str]) -> Any:
+    """A :class:`~biomedgpt.checkpoint.consolidate.ConfigBuilder` for a training preset or YAML (and ``--set``
+    overrides): the model config and tokenizer that run trained. The trainer owns that config; the checkpoint
+    tools are handed the result, so they never import the trainer."""
+    from pathlib import Path
+
+    from biomedgpt.checkpoint.consolidate import ConfigBuilder, read_model_config
+    from biomedgpt.config_utils import ConfigError, load_config
+    from biomedgpt.train.config import TrainConfig, preset_paths
+    from biomedgpt.train.engine import load_tokenizer, model_config_for
+
+    try:
+        train_config = load_config(TrainConfig, source, list(overrides), presets=preset_paths())
+    except (ConfigError, FileNotFoundError) as error:
+        raise ConsolidationError(f"--config-from {source}: {error}") from error
+
+    def build(tokenizer: Any) -> Any:
+        if train_config.model.init_from:  # the run started from a model directory and kept its config
+            return read_model_config(Path(train_config.model.init_from) / "config.json")
+        return model_config_for(train_config, len(tokenizer))
+
+    return ConfigBuilder(
+        origin=f"training config {source}",
+        build=build,
+        tokenizer=lambda: load_tokenizer(train_config),
+        tokenizer_origin=train_config.data.tokenizer or "the packaged default tokenizer (training config)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from biomedgpt.checkpoint.consolidate import consolidate_checkpoint, verify_consolidated
+    from biomedgpt.checkpoint.consolidate import consolidate_checkpoint, is_model_config, verify_consolidated
 
     out = sys.stdout
     try:
         # DeepSpeed logs and prints to stdout: send that to stderr, so stdout holds only the summary lines.
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.showwarning = _show_warning
+            config_from = args.config_from
+            if config_from is not None and not is_model_config(config_from):
+                config_from = training_config_builder(config_from, args.config_overrides)
+            elif args.config_overrides:
+                raise ConsolidationError("--set applies to a training preset or YAML given by --config-from")
             result = consolidate_checkpoint(
                 args.checkpoint_dir,
                 args.output_dir,
                 tag=args.tag,
                 dtype=args.dtype,
                 max_shard_size=args.max_shard_size,
-                config_from=args.config_from,
+                config_from=config_from,
                 tokenizer=args.tokenizer,
-                config_overrides=args.config_overrides,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )

@@ -47,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bpe-dir", metavar="DIR", help="directory with encoder.json, vocab.bpe and dict.txt (BiomedGPT utils/BPE)"
     )
-    parser.add_argument(
-        "--size", choices=SIZE_NAMES, help="force a published size instead of reading the checkpoint"
-    )
+    parser.add_argument("--size", choices=SIZE_NAMES, help="force a published size instead of reading the checkpoint")
     normformer = parser.add_mutually_exclusive_group()
     normformer.add_argument(
         "--normformer", dest="normformer", action="store_true", default=None, help="force NormFormer layers on"

@@ -25,13 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from biomedgpt.model.modeling import BiomedGPTEncoderOutput, BiomedGPTForConditionalGeneration
 from biomedgpt.trie import Trie
+
+if TYPE_CHECKING:  # the model calls this module (its ``generate``); these names are only annotations here
+    from biomedgpt.model.modeling import BiomedGPTEncoderOutput, BiomedGPTForConditionalGeneration
 
 __all__ = [
     "DecodingConfig",

@@ -24,6 +24,7 @@ from biomedgpt.kernels.attention import require_triton
 from biomedgpt.kernels.bias import AttentionBias, ImageRelativeBias, TextRelativeBias
 from biomedgpt.model.attention import BiomedGPTAttention
 from biomedgpt.model.config import BiomedGPTConfig
+from biomedgpt.model.generation import DecodingConfig, generate
 from biomedgpt.model.layers import DecoderLayer, EncoderLayer, layer_norm
 from biomedgpt.model.positions import (
     decoder_image_position_ids,
@@ -634,15 +635,55 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
     def reorder_cache(past_key_values: DecoderCache, index: torch.Tensor) -> DecoderCache:
         return tuple(tuple(t.index_select(0, index) for t in layer) for layer in past_key_values)  # type: ignore
 
-    def generate(self, input_ids: torch.Tensor, decoding: Any = None, **kwargs: Any) -> list:  # type: ignore[override]
-        """Beam search / greedy with fairseq semantics (``biomedgpt.model.generation.generate``).
+    @torch.no_grad()
+    def generate(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        patch_images: torch.Tensor | None = None,
+        patch_masks: torch.Tensor | None = None,
+        *,
+        num_beams: int = 5,
+        max_new_tokens: int = 200,
+        min_new_tokens: int = 1,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        temperature: float = 1.0,
+        num_return_sequences: int = 1,
+        do_sample: bool = False,
+    ) -> torch.Tensor:
+        """transformers' ``generate`` arguments, decoded by the fairseq-semantics beam search of
+        :func:`biomedgpt.model.generation.generate` (transformers' own generation knows nothing of this model's
+        cache or position biases).
 
-        Replaces transformers' generation, which knows nothing of this model's cache or position biases.
-        ``decoding`` is a ``DecodingConfig``; other keyword arguments are those of ``generation.generate``.
+        Returns ``[batch * num_return_sequences, L]`` token ids that start with ``decoder_start_token_id`` and end
+        with eos, right-padded with ``pad_token_id``, best first per sample, as transformers returns for
+        encoder-decoder models. At most ``max_new_tokens`` tokens follow the start token (eos included); eos comes
+        after at least ``min_new_tokens``. For scores, forced prefixes, answer tries or VQ-code decoding, call
+        :func:`~biomedgpt.model.generation.generate` with a :class:`~biomedgpt.model.generation.DecodingConfig`.
         """
-        from biomedgpt.model.generation import generate
-
-        return generate(self, input_ids, config=decoding, **kwargs)
+        if do_sample:
+            raise ValueError("do_sample=True: this model decodes by beam search (fairseq semantics); no sampling")
+        if not 1 <= num_return_sequences <= num_beams:
+            raise ValueError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams={num_beams}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (eos is a new token), got {max_new_tokens}")
+        decoding = DecodingConfig(
+            beam_size=num_beams,
+            max_len_a=0.0,
+            max_len_b=max_new_tokens - 1,  # fairseq's max_len counts the tokens before eos
+            min_len=min_new_tokens,
+            len_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            temperature=temperature,
+        )
+        hypotheses = generate(self, input_ids, patch_images, patch_masks, attention_mask, config=decoding)
+        start = self.config.decoder_start_token_id
+        rows = [[start, *h.tokens.tolist()] for sample in hypotheses for h in sample[:num_return_sequences]]
+        out = torch.full((len(rows), max(map(len, rows))), self.config.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row)
+        return out.to(input_ids.device)
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         shifted = labels.new_full(labels.shape, self.config.pad_token_id)

@@ -24,6 +24,8 @@ def sqlite_database(tracking_uri: str) -> Path | None:
         return None
     rest = tracking_uri.split(":", 1)[1]
     if not rest.startswith("///"):
-        raise ValueError(f"bad SQLite URI {tracking_uri}: expected sqlite:///relative/path.db or sqlite:////abs/path.db")
+        raise ValueError(
+            f"bad SQLite URI {tracking_uri}: expected sqlite:///relative/path.db or sqlite:////abs/path.db"
+        )
     location = urllib.parse.unquote(rest[3:].split("?", 1)[0])
     return None if location in ("", ":memory:") else Path(location)

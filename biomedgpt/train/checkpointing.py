@@ -1,19 +1,13 @@
 """Checkpoints that survive preemption: every rank saves, ``latest`` moves only once all ranks are done, the last
 K are kept, and a partial or corrupt checkpoint is skipped in favour of the previous one.
 
-Layout of ``CKPT_DIR``::
-
-    step_00000050/            DeepSpeed's files for this tag (ZeRO shards, model states)
-        rng_rank00000.pt      this rank's RNG states (dropout must replay exactly after a restart)
-        COMPLETE              written by rank 0 after every rank finished; holds step and time
-    latest                    name of the newest complete tag (written last, atomically)
+The directory layout (tags, ``latest``, completion markers) is :mod:`biomedgpt.checkpoint.layout`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import time
 import warnings
@@ -24,34 +18,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from biomedgpt.train.collectives import all_ranks, distributed
-
-COMPLETE_MARKER = "COMPLETE"
-LATEST_FILE = "latest"
-TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+from biomedgpt.checkpoint.layout import (
+    COMPLETE_MARKER,
+    LATEST_FILE,
+    complete_tags,
+    files_intact,
+    rank_state_file,
+    tag_for_step,
+)
+from biomedgpt.runtime.collectives import all_ranks, distributed
 
 
 class ResumeError(RuntimeError):
     """Checkpoints exist in the checkpoint directory but this run cannot continue from any of them."""
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of_tag(tag: str) -> int | None:
-    match = TAG_PATTERN.match(tag)
-    return int(match.group(1)) if match else None
-
-
-def complete_tags(checkpoint_dir: str | Path) -> list[str]:
-    """Tags with a completion marker, newest first."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and step_of_tag(p.name) is not None]
-    tags = [t for t in tags if (root / t / COMPLETE_MARKER).is_file()]
-    return sorted(tags, key=lambda t: step_of_tag(t) or 0, reverse=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,25 +51,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _barrier() -> None:
     if distributed():
         dist.barrier()
-
-
-def files_intact(directory: Path) -> str | None:
-    """None when every file listed in the completion marker has its recorded size, else what is wrong."""
-    try:
-        files = json.loads((directory / COMPLETE_MARKER).read_text()).get("files", {})
-    except (OSError, json.JSONDecodeError) as error:
-        return f"unreadable {COMPLETE_MARKER} marker ({error})"
-    for name, size in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
-    return None
-
-
-def rank_state_file(directory: str | Path, name: str, rank: int) -> Path:
-    return Path(directory) / f"{name}_rank{rank:05d}.pt"
 
 
 def save_checkpoint(

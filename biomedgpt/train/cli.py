@@ -62,12 +62,12 @@ def single_rank_environment(environ: MutableMapping[str, str]) -> bool:
     """Without any launcher, make this process rank 0 of 1 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, a free ``MASTER_PORT``); True when it did.
 
-    torchrun, the deepspeed launcher, ``srun`` and ``mpirun`` are left alone (``biomedgpt.data.distributed_env``
+    torchrun, the deepspeed launcher, ``srun`` and ``mpirun`` are left alone (``biomedgpt.runtime.launcher_env``
     maps the latter two); a partial set of the variables is an error rather than a guess.
     """
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return False
-    from biomedgpt.data.distributed_env import detect_distributed_env
+    from biomedgpt.runtime.launcher_env import detect_distributed_env
 
     present = [name for name in LAUNCH_VARIABLES if name in environ]
     others = {key: value for key, value in environ.items() if key not in LAUNCH_VARIABLES}
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         check_attention_backend(config)
         if single_rank_environment(os.environ):
             print(f"biomedgpt-train: {SINGLE_RANK_NOTE}", file=sys.stderr, flush=True)
-        from biomedgpt.data.distributed_env import detect_distributed_env
+        from biomedgpt.runtime.launcher_env import detect_distributed_env
 
         if detect_distributed_env().rank == 0:
             warn_demo_tokenizer(args.config, config)

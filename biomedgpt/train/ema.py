@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from biomedgpt.train.collectives import communication_device, distributed
+from biomedgpt.runtime.collectives import communication_device, distributed
 
 STATE_FORMAT = "biomedgpt-sharded-ema/1"
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from biomedgpt.data.distributed_env import DistributedEnv, apply_distributed_env
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt.runtime.launcher_env import DistributedEnv, apply_distributed_env
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 from biomedgpt.train.config import TrainConfig, deepspeed_config_path
 

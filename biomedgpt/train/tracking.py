@@ -7,8 +7,8 @@ from typing import Any
 import torch.distributed as dist
 
 from biomedgpt.config_utils import config_to_dict
+from biomedgpt.runtime.collectives import distributed
 from biomedgpt.tracking import MLflowTracker, collect_run_params
-from biomedgpt.train.collectives import distributed
 from biomedgpt.train.config import TrainConfig
 
 

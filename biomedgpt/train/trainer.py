@@ -20,10 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from biomedgpt.checkpoint.layout import TOKENIZER_DIR
 from biomedgpt.data.examples import images_on_device
 from biomedgpt.data.finetune_tasks import load_answer_list, write_task_file
 from biomedgpt.data.pretrain_tasks import AUXILIARY_TASKS, IMAGE_TEXT_TASKS
 from biomedgpt.data.transforms import rng_for
+from biomedgpt.runtime.collectives import all_reduce
+from biomedgpt.runtime.shared_memory import free_stale_shared_memory
+from biomedgpt.runtime.signals import StopController, launcher_pid
 from biomedgpt.train.checkpointing import (
     load_latest_checkpoint,
     load_rank_state,
@@ -31,7 +35,6 @@ from biomedgpt.train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from biomedgpt.train.collectives import all_reduce
 from biomedgpt.train.config import TrainConfig
 from biomedgpt.train.engine import DistributedContext, init_distributed, initialize_engine, load_tokenizer
 from biomedgpt.train.flops import forward_flops, training_flops
@@ -43,8 +46,6 @@ from biomedgpt.train.metrics import (
     peak_memory_bytes,
     step_loss_metrics,
 )
-from biomedgpt.train.shared_memory import free_stale_shared_memory
-from biomedgpt.train.signals import StopController, launcher_pid
 from biomedgpt.train.validation import Validator, finetune_task_config
 
 FINETUNE_TASK_NAMES = ("vqa", "caption", "summarization", "nli", "classification")
@@ -246,7 +247,7 @@ class Trainer:
             # What a consolidated model needs besides the weights (biomedgpt-consolidate reads these).
             Path(config.checkpoint.dir).mkdir(parents=True, exist_ok=True)
             self.engine.module.config.save_pretrained(config.checkpoint.dir)
-            self.tokenizer.save_pretrained(Path(config.checkpoint.dir) / "tokenizer")
+            self.tokenizer.save_pretrained(Path(config.checkpoint.dir) / TOKENIZER_DIR)
             if config.data.task != "pretrain":
                 answers = load_answer_list(config.data.answers) if config.data.answers else None
                 write_task_file(config.checkpoint.dir, finetune_task_config(config), answers)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from biomedgpt.data.finetune_tasks import FinetuneTaskConfig, load_answer_list, write_task_file
 from biomedgpt.evaluation.runner import TASK_METRICS, TaskEvaluator, iter_rows, load_answer_types
-from biomedgpt.train.collectives import distributed
+from biomedgpt.runtime.collectives import distributed
 from biomedgpt.train.config import TrainConfig
 
 BEST_DIR = "best"

@@ -26,7 +26,7 @@ from biomedgpt.checkpoint.consolidate import (
     parse_size,
     verify_consolidated,
 )
-from biomedgpt.cli.consolidate import main
+from biomedgpt.cli.consolidate import main, training_config_builder
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from biomedgpt.output_dirs import MANIFEST_NAME
 from biomedgpt.tokenizer import BiomedGPTTokenizer
@@ -250,8 +250,12 @@ def test_config_and_tokenizer_from_arguments(zero_checkpoints: Path, tmp_path: P
     assert result.config_origin == str(source / "config.json")
     assert read_output(tmp_path / "out").keys() == read_output_keys_of(zero_checkpoints, "zero3")
 
-    # A training preset builds its model config (here the 'demo' tiny model, which this checkpoint is not).
+    # A training preset builds its model config (here the 'demo' tiny model, which this checkpoint is not); the
+    # library takes it from the CLI's builder, and alone refuses what is not a model config.
+    builder = training_config_builder("demo", [])
     with pytest.raises(ConsolidationError, match="does not match the model config.*encoder.embed_tokens.weight"):
+        consolidate_checkpoint(bare, tmp_path / "y", tag=TAG, config_from=builder, progress=False)
+    with pytest.raises(ConsolidationError, match="demo: not a model config.json"):
         consolidate_checkpoint(bare, tmp_path / "y", tag=TAG, config_from="demo", progress=False)
     # A model config whose vocabulary is not the tokenizer's is refused, naming both sources.
     config = json.loads((source / "config.json").read_text())
@@ -309,7 +313,6 @@ def test_errors_name_the_path(zero_checkpoints: Path, tmp_path: Path, capsys: py
     (unmarked / TAG / "COMPLETE").unlink()
     with pytest.warns(UserWarning, match="no COMPLETE marker"):
         ZeroCheckpoint(unmarked, TAG)
-
 
 
 def _tree(directory: Path) -> dict[str, bytes]:

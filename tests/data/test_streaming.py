@@ -79,7 +79,7 @@ def _run_loader(job: dict[str, Any], phase: str, state: dict | None, stop_after:
 
 def _rank_main(job: dict[str, Any]) -> None:
     from biomedgpt.data import register_parquet_reader
-    from biomedgpt.data.distributed_env import apply_distributed_env
+    from biomedgpt.runtime.launcher_env import apply_distributed_env
 
     env = apply_distributed_env()  # before streaming is imported (register_parquet_reader imports it)
     reader = register_parquet_reader()  # before a plain StreamingDataset over converted shards

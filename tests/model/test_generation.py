@@ -481,16 +481,24 @@ def test_score_candidates_text_only_shared_candidates(trained_model: BiomedGPTFo
         assert best in targets
 
 
-def test_model_generate_method_uses_fairseq_semantics(trained_model, images):
-    from biomedgpt.model import DecodingConfig as ExportedConfig
-
-    config = ExportedConfig(beam_size=2, max_len_b=6)
+def test_model_generate_takes_transformers_arguments(trained_model, images):
+    """model.generate maps transformers' argument names onto the fairseq search and returns its tensor layout."""
     source = pad_rows(SOURCES)
     patch_images, patch_masks = images
-    kwargs = dict(patch_images=patch_images, patch_masks=patch_masks)
-    via_method = trained_model.generate(source, decoding=config, **kwargs)
-    via_function = generate(trained_model, source, config=config, **kwargs)
-    assert [[h.tokens.tolist() for h in sample] for sample in via_method] == [
-        [h.tokens.tolist() for h in sample] for sample in via_function
-    ]
-    assert all(len(sample) == 2 for sample in via_method)
+    config = trained_model.config
+    sequences = trained_model.generate(
+        source, None, patch_images, patch_masks, num_beams=3, max_new_tokens=6, num_return_sequences=2
+    )
+    # max_new_tokens counts eos (fairseq's max_len does not): max_len_b = 5.
+    hypotheses = generate(
+        trained_model, source, patch_images, patch_masks, config=DecodingConfig(beam_size=3, max_len_b=5)
+    )
+    expected = [[config.decoder_start_token_id, *h.tokens.tolist()] for sample in hypotheses for h in sample[:2]]
+    assert sequences.shape[0] == 2 * len(SOURCES) and sequences.shape[1] <= 1 + 6
+    for row, want in zip(sequences.tolist(), expected, strict=True):
+        assert row[: len(want)] == want
+        assert all(token == config.pad_token_id for token in row[len(want) :])
+    with pytest.raises(ValueError, match="no sampling"):
+        trained_model.generate(source, do_sample=True)
+    with pytest.raises(ValueError, match="num_return_sequences=4 must be between 1 and num_beams=3"):
+        trained_model.generate(source, num_beams=3, num_return_sequences=4)

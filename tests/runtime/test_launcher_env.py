@@ -1,10 +1,10 @@
-"""Launcher variables -> RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE (biomedgpt.data.distributed_env)."""
+"""Launcher variables -> RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE (biomedgpt.runtime.launcher_env)."""
 
 from __future__ import annotations
 
 import pytest
 
-from biomedgpt.data.distributed_env import (
+from biomedgpt.runtime.launcher_env import (
     DistributedEnv,
     apply_distributed_env,
     detect_distributed_env,

@@ -16,7 +16,7 @@ import signal
 import time
 from types import FrameType
 
-from biomedgpt.train.collectives import any_rank
+from biomedgpt.runtime.collectives import any_rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -6,7 +6,7 @@ import time
 
 import psutil
 
-from biomedgpt.train.signals import StopController, launcher_pid
+from biomedgpt.runtime.signals import StopController, launcher_pid
 
 
 def test_wall_clock_budget_requests_a_stop():
@@ -45,7 +45,7 @@ def test_launcher_pid_is_the_parent_only_under_torchrun_or_the_deepspeed_launche
 
 WATCH_THE_LAUNCHER = """
 import os, sys, time
-from biomedgpt.train.signals import StopController
+from biomedgpt.runtime.signals import StopController
 controller = StopController(launcher=os.getppid())
 print("ready", flush=True)
 deadline = time.monotonic() + 60

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from biomedgpt.train.shared_memory import SHM_DIR, free_stale_shared_memory, stale_shared_memory
+from biomedgpt.runtime.shared_memory import SHM_DIR, free_stale_shared_memory, stale_shared_memory
 
 pytestmark = pytest.mark.skipif(not (SHM_DIR.is_dir() and Path("/proc/self/maps").is_file()), reason="Linux only")
 
@@ -95,7 +95,7 @@ def test_blocks_are_matched_by_inode_not_by_path(tmp_path: Path) -> None:
 
 HIDE_A_PROCESS = """
 import os, subprocess, sys, time
-from biomedgpt.train.shared_memory import UninspectableProcessError, held_files  # before losing access to .venv
+from biomedgpt.runtime.shared_memory import UninspectableProcessError, held_files  # before losing access to .venv
 
 os.setgid(12345)
 os.setuid(12345)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from biomedgpt.train.collectives import distributed
+from biomedgpt.runtime.collectives import distributed
 
 __all__ = ["SHM_DIR", "free_stale_shared_memory", "held_files", "stale_shared_memory"]
 
