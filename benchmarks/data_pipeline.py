@@ -1,7 +1,8 @@
 """Pretraining data pipeline throughput: the original's TSV reading, today's Parquet pipeline and prepared shards.
 
 Three pipelines turn the same vision-language rows (plus the auxiliary rows the mixture rule adds, 2 text, 1 image
-and 1 detection per 8 rows, spec 5.2) into the same examples with the same builder and collator:
+and 1 detection per 8 rows, as BiomedGPT data/pretrain_data/unify_dataset.py mixes them) into the same examples
+with the same builder and collator:
 
 - ``original``: the BiomedGPT/OFA way. The TSV is scanned once to build line byte offsets (text mode,
   ``len(line.encode())``, as ``data/file_dataset.py``), then every row is a seek + readline, tab split,
@@ -91,7 +92,7 @@ SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The original's reading: TSV line offsets (BG: data/file_dataset.py), base64, PIL
+# The original's reading: TSV line offsets (BiomedGPT data/file_dataset.py), base64, PIL
 
 
 class TsvRows:

@@ -1,6 +1,6 @@
 """Unified BiomedGPT/OFA tokenizer: one id layout, two interchangeable text backends.
 
-Id layout (spec §3.2, identical for both backends)::
+Id layout (the dictionary BiomedGPT tasks/ofa_task.py builds in OFATask.setup_task; identical for both backends)::
 
     0 <s> (bos) | 1 <pad> | 2 </s> (eos) | 3 <unk>
     4 ... 4+T-1            text tokens (T = num_text_tokens)
@@ -19,10 +19,10 @@ Backends
   bos/pad/eos/unk, so its piece ids are used unchanged. Byte fallback, identity normalisation and no dummy
   prefix make ``decode(encode(text)) == text`` for every UTF-8 string, including BiomedGPT's leading spaces.
 
-Whole-word masking (spec §5.3) needs word starts: :meth:`BiomedGPTTokenizer.is_beginning_of_word` /
-:meth:`BiomedGPTTokenizer.word_start_mask` treat GPT-2 tokens starting with "Ġ" (a space byte), SentencePiece
-pieces starting with "▁", and every special/``madeupword``/``<mask>``/code/bin token as word starts, like
-fairseq.
+Whole-word masking (``add_whole_word_mask`` of BiomedGPT data/pretrain_data/unify_dataset.py) needs word starts:
+:meth:`BiomedGPTTokenizer.is_beginning_of_word` / :meth:`BiomedGPTTokenizer.word_start_mask` treat GPT-2 tokens
+starting with "Ġ" (a space byte), SentencePiece pieces starting with "▁", and every
+special/``madeupword``/``<mask>``/code/bin token as word starts, like fairseq.
 
 Shipped model (``biomedgpt/assets/tokenizer/``, loaded by :func:`load_default_tokenizer`): a 3,000-piece BPE
 SentencePiece model (12,193 ids with mask/codes/bins) made with ``biomedgpt-tokenizer train --input corpus.txt
@@ -423,7 +423,10 @@ class BiomedGPTTokenizer:
 
     @property
     def random_replacement_range(self) -> tuple[int, int]:
-        """Half-open id range for random-token noise: text tokens plus ``<mask>``, never codes/bins (§3.2)."""
+        """Half-open id range for random-token noise: text tokens plus ``<mask>``, never codes/bins.
+
+        As the noise of BiomedGPT data/pretrain_data/unify_dataset.py and data/nlg_data/summary_dataset.py.
+        """
         return NUM_SPECIAL, self.mask_id + 1
 
     def is_beginning_of_word(self, token_id: int) -> bool:

@@ -1,20 +1,21 @@
-"""Import released BiomedGPT/OFA checkpoints into this project's Hugging Face format (spec section 7).
+"""Import released BiomedGPT/OFA checkpoints into this project's Hugging Face format.
 
 Two source layouts are understood:
 
 * ``fairseq`` -- a BiomedGPT/OFA training checkpoint ``.pt``: a pickled container with the weights under
   ``"model"`` (EMA weights under ``extra_state["ema"]``) and the run configuration under ``"cfg"`` (dict or
-  OmegaConf) or, in older files, ``"args"`` (an ``argparse.Namespace``) (spec 7.1). A bare state dict works too.
+  OmegaConf) or, in older files, ``"args"`` (an ``argparse.Namespace``) (BiomedGPT trainer.py ``state_dict``,
+  utils/checkpoint_utils.py). A bare state dict works too.
 * ``hf-ofa`` -- a directory written by the transformers OFA port (``config.json`` with ``model_type: "ofa"``,
   ``pytorch_model.bin`` or ``model.safetensors``, optionally sharded, plus ``vocab.json``/``merges.txt``)
-  (spec 7.3).
+  (OFA-Sys/OFA branch feature/add_transformers, transformers/src/transformers/models/ofa/modeling_ofa.py).
 
 The work is split the way torchtitan's state-dict adapters split it: a :class:`StateDictAdapter` per layout
 renames keys into ours (our module tree follows the fairseq layout, so fairseq needs no renames; the HF port
 renamed seven fragments), drops what this model rebuilds (``*.version``, the relative-position bucket tables,
-the decoder's ``image_position_idx``, whose length differs between fairseq (1026) and HF (1025): spec Q5) and
-folds the tied embedding, stored up to three times, into one tensor after checking the copies are equal. Then
-the architecture is read from the tensor shapes (:func:`infer_shapes`) and from the checkpoint's own
+the decoder's ``image_position_idx``, whose length differs between fairseq (1026) and HF (1025), see taokz/BiomedGPT
+issue #39) and folds the tied embedding, stored up to three times, into one tensor after checking the copies are
+equal. Then the architecture is read from the tensor shapes (:func:`infer_shapes`) and from the checkpoint's own
 configuration; the model is first built on the meta device so that every missing, unexpected or mis-shaped
 key is found before anything is allocated or written, and errors name the likely cause (wrong size, missing
 NormFormer flags).
@@ -73,7 +74,7 @@ HF_OFA = "hf-ofa"
 REPORT_NAME = "import_report.json"
 TOOL = "biomedgpt-import"
 
-# OFA architecture names (``--arch``) -> our size names (spec section 2).
+# OFA architecture names (``--arch``, registered in BiomedGPT models/ofa/ofa.py) -> our size names.
 FAIRSEQ_SIZE_NAMES = {
     "ofa_tiny": "tiny",
     "ofa_medium": "medium",
@@ -178,10 +179,10 @@ def _fold_tied_embedding(state_dict: dict[str, torch.Tensor], dropped: dict[str,
     state_dict["encoder.embed_tokens.weight"] = keep
 
 
-# Our module tree follows fairseq's (spec 7.2), so its keys need no renaming.
+# Our module tree follows fairseq's (the module names of BiomedGPT models/ofa/), so its keys need no renaming.
 FAIRSEQ_ADAPTER = StateDictAdapter(FAIRSEQ, renames=())
 
-# The transformers OFA port renamed these fragments of the layer keys (spec 7.3; OFA-Sys/OFA feature/add_transformers
+# The transformers OFA port renamed these fragments of the layer keys (OFA-Sys/OFA feature/add_transformers
 # modeling_ofa.py OFAEncoderLayer/OFADecoderLayer): (side, the port's name, ours). The patterns end in a dot so that
 # "cross_attn." leaves the LayerNorm names that start with it (cross_attn_layer_norm, ...) to their own rules.
 _HF_OFA_FRAGMENTS = (
@@ -636,7 +637,7 @@ def config_from_fairseq(
             "disable_entangle",
             False,
             "without --disable-entangle the fairseq decoder adds absolute positions to "
-            "its token embeddings (spec Q1); this model does not",
+            "its token embeddings (OFA models/ofa/unify_transformer.py, TransformerDecoder); this model does not",
         ),
         ("scale_resids", True, "residual scaling (w_resid) is not implemented"),
         ("share_all_embeddings", False, "embeddings not shared; this model ties them"),
@@ -682,7 +683,10 @@ _HF_CONFIG_KEYS = (
 
 
 def config_from_hf(config: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
-    """BiomedGPTConfig arguments declared by a transformers OFA ``config.json`` (spec 7.3), and warnings."""
+    """BiomedGPTConfig arguments declared by a transformers OFA ``config.json``, and warnings.
+
+    The keys are those of configuration_ofa.py on the OFA-Sys/OFA branch feature/add_transformers.
+    """
     kwargs: dict[str, Any] = {}
     warnings: list[str] = []
     if not config:

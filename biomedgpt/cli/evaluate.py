@@ -7,8 +7,9 @@ Examples::
     biomedgpt-eval --model models/cap --task caption --data converted/caption_test --beam 5 --max-len-b 16
     biomedgpt-eval --model models/nli --task nli --data converted/nli_test --tracking-uri sqlite:///mlruns.db
 
-Decoding follows the original evaluation scripts (spec 6.3); see :mod:`biomedgpt.evaluation.runner`. Writes
-``OUT/predictions.jsonl`` and ``OUT/metrics.json``. Exit status: 0 success, 2 bad arguments or input.
+Decoding follows the original evaluation scripts (BiomedGPT scripts/*/evaluate_*.sh); see
+:mod:`biomedgpt.evaluation.runner`. Writes ``OUT/predictions.jsonl`` and ``OUT/metrics.json``. Exit status:
+0 success, 2 bad arguments or input.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Fine-tuning examples for the five downstream tasks, with the original prompts and target layouts (spec 6.3).
+"""Fine-tuning examples for the five downstream tasks, with the original prompts and target layouts.
+
+The originals: BiomedGPT data/mm_data/vqa_gen_dataset.py, caption_dataset.py, data/nlg_data/summary_dataset.py,
+data/nlu_data/mnli_dataset.py and data/cv_data/image_classify_dataset.py.
 
 VQA and NLI put a prompt on the decoder side (``prompt_type`` ``prev_output`` / ``src``): the decoder reads the
 question (or the whole source) first and only the answer positions carry loss; the answer positions also carry the
@@ -39,7 +42,7 @@ PROMPT_OBJECTS = " object: {}"
 
 @dataclass
 class FinetuneTaskConfig:
-    """Per-task settings of the original fine-tuning scripts (spec 6.2, 6.3)."""
+    """Per-task settings of the original fine-tuning scripts (BiomedGPT scripts/*/train_*.sh)."""
 
     task: str
     patch_image_size: int = 256
@@ -108,7 +111,10 @@ def load_answer_list(path: str | Path) -> list[str]:
 
 
 def answer_trie(answers: list[str], tokenizer: BiomedGPTTokenizer) -> Trie:
-    """Trie over ``[bos] + encode(" " + answer) + [eos]`` for every candidate answer (spec 6.3)."""
+    """Trie over ``[bos] + encode(" " + answer) + [eos]`` for every candidate answer.
+
+    As BiomedGPT utils/trie.py, filled in ``build_model`` of tasks/mm_tasks/vqa_gen.py.
+    """
     return Trie.from_answers(answers, tokenizer)
 
 

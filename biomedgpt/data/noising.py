@@ -1,4 +1,7 @@
-"""BART-style text noising for the text-infilling pretraining task (spec 5.3) and summarisation decoder inputs (6.2).
+"""BART-style text noising for the text-infilling pretraining task and summarisation decoder inputs.
+
+The originals: ``add_whole_word_mask`` of BiomedGPT data/pretrain_data/unify_dataset.py (its settings default in
+tasks/pretrain_tasks/unify_task.py) and ``add_noise_to_tgt`` of data/nlg_data/summary_dataset.py.
 
 All randomness comes from the ``numpy.random.Generator`` passed in (build one with
 :func:`biomedgpt.data.transforms.rng_for`), so a resumed or re-sharded run rebuilds identical examples.
@@ -26,8 +29,9 @@ __all__ = [
     "whole_word_mask",
 ]
 
-# Ids drawn by random replacement in the original vocabulary (spec 3.2): [4, 50265) = every BPE token plus <mask>
-# (50264), never the specials 0-3, VQ-GAN codes or location bins. Callers with another vocabulary pass their own.
+# Ids drawn by random replacement in the original vocabulary (laid out by BiomedGPT tasks/ofa_task.py): [4, 50265) =
+# every BPE token plus <mask> (50264), never the specials 0-3, VQ-GAN codes or location bins. Callers with another
+# vocabulary pass their own.
 RANDOM_TOKEN_RANGE = (4, 50265)
 # Span lengths are Poisson(lambda) truncated at k < 128 (and where the pmf drops below 1e-7), as in fairseq/BART.
 _MAX_SPAN = 128
@@ -180,7 +184,8 @@ def whole_word_mask(
     insert_ratio: float = 0.0,
     has_bos_eos: bool = True,
 ) -> np.ndarray:
-    """BART text infilling over whole words (spec 5.3); returns a new array, ``tokens`` is not modified.
+    """BART text infilling over whole words (BiomedGPT unify_dataset.py ``add_whole_word_mask``); returns a new array,
+    ``tokens`` is not modified.
 
     ``tokens`` is ``[bos] + text + [eos]`` and ``word_starts`` flags, per token, whether it begins a word (GPT-2 BPE
     ``is_beginning_of_word``); the flags of the first and last token are ignored and those tokens are kept.
@@ -264,9 +269,10 @@ def replace_with_random(
 ) -> np.ndarray:
     """Replace each token independently with probability ``ratio`` by a uniform id from ``random_range``.
 
-    Summarisation decoder-input noise (``--noise-ratio 0.2``, spec 6.2): apply it to the target tokens *before*
-    prepending bos (every position given here is eligible) and keep the clean tokens as the loss target. The default
-    range is the original vocabulary's BPE tokens plus ``<mask>``, never codes or bins.
+    Summarisation decoder-input noise (``--noise-ratio 0.2`` in BiomedGPT scripts/text_sum/train_meqsum.sh): apply it
+    to the target tokens *before* prepending bos (every position given here is eligible) and keep the clean tokens
+    as the loss target. The default range is the original vocabulary's BPE tokens plus ``<mask>``, never codes or
+    bins.
     """
     low, high = _check_range(random_range)
     source = np.asarray(tokens).copy()

@@ -4,7 +4,8 @@ The vision-language rows drive the epoch and are streamed by mosaicml-streaming 
 across ranks and workers, mid-epoch ``state_dict`` and elastic resumption). The auxiliary sources (text, image,
 detection) are not streamed on their own: the rows that go with a vision-language sample are chosen by index from
 a per-epoch permutation, so a resumed or re-sharded run rebuilds exactly the same examples. The original mixes by
-the same rule (spec 5.2): after every 8th vision-language row of a reader, 2 text, 1 image and 1 detection example.
+the same rule (UnifyDataset.__getitem__ in BiomedGPT data/pretrain_data/unify_dataset.py): after every 8th
+vision-language row of a reader, 2 text, 1 image and 1 detection example.
 All randomness (augmentation, masking, negatives, patch choice) is drawn from ``rng_for(seed, epoch, sample id)``.
 """
 
@@ -142,8 +143,9 @@ class FinetuneStream(StreamingDataset):
 
 @dataclass
 class PretrainCollator:
-    """Flattens per-row example lists into the two sub-batches of the original (spec 5.2): ``v1`` image-text
-    examples at the patch image size, ``v2`` text/image/detection examples at 256 px (zero images for text).
+    """Flattens per-row example lists into the two sub-batches of the original (UnifyDataset.collater): ``v1``
+    image-text examples at the patch image size, ``v2`` text/image/detection examples at 256 px (zero images for
+    text).
 
     A micro-batch without auxiliary rows gets a placeholder ``v2`` (one example, no target tokens, weight 0):
     under ZeRO-3 every rank must run the same forwards, whatever rows it drew.

@@ -1,4 +1,5 @@
-"""Pretraining examples built from the four pretraining sources (spec 5.1), with the original prompts.
+"""Pretraining examples built from the four pretraining sources (BiomedGPT data/pretrain_data/unify_dataset.py),
+with the original prompts.
 
 Every builder takes an explicit ``numpy.random.Generator`` derived from (seed, epoch, sample id), so the same
 row builds the same examples whichever rank, worker or resumed run reads it.
@@ -27,7 +28,7 @@ from biomedgpt.data.transforms import (
 )
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
-# Tasks whose examples go to the image-text sub-batch (v1); the others form v2 (spec 5.2).
+# Tasks whose examples go to the image-text sub-batch (v1); the others form v2 (UnifyDataset.collater).
 IMAGE_TEXT_TASKS = ("caption", "image_text_matching", "vqa", "answer_matching", "visual_grounding", "grounded_caption")
 AUXILIARY_TASKS = ("text_infilling", "image_infilling", "detection")
 
@@ -43,11 +44,12 @@ PROMPT_DETECTION = " what are the objects in the image?"
 
 @dataclass
 class PretrainTaskConfig:
-    """Settings of the original pretraining task (spec 5.1, 5.3, 5.5)."""
+    """Settings of the original pretraining task (BiomedGPT tasks/pretrain_tasks/unify_task.py defaults and
+    scripts/pretrain/pretrain_tiny.sh)."""
 
     patch_image_size: int = 256
     sample_patch_num: int | None = 196  # image-text examples keep this many random patches (None: all)
-    max_image_size: int = 512  # box coordinates are divided by this, not by the image size (spec Q6)
+    max_image_size: int = 512  # box coordinates are divided by this, not by the image size (utils/transforms.py)
     auxiliary_image_size: int = 256
     code_image_size: int = 128
     max_src_words: int = 80
@@ -71,7 +73,8 @@ class PretrainTaskConfig:
 
 @dataclass
 class NegativeSamples:
-    """Side files for image-text matching and answer matching negatives (spec 4.2)."""
+    """Side files for image-text matching and answer matching negatives (``--neg-sample-dir`` of BiomedGPT
+    tasks/pretrain_tasks/unify_task.py)."""
 
     type2ans: dict[str, list[str]]
     objects: list[str]

@@ -1,4 +1,4 @@
-"""Small, deterministic sample corpus in the exact BiomedGPT TSV formats (spec §4.2, §4.3).
+"""Small, deterministic sample corpus in the exact TSV formats of BiomedGPT (written by its scripts/preprocess/).
 
 The corpus is meant for tests, demos and smoke runs of pretraining / fine-tuning, so it has two parts:
 
@@ -65,7 +65,7 @@ POSITION_ANCHORS: dict[str, tuple[float, float]] = {
     "top": (0.5, 0.24),
     "bottom": (0.5, 0.76),
 }
-IMAGE_TSV_SIZE = 256  # spec §4.2: pure-image rows are pre-resized to 256x256
+IMAGE_TSV_SIZE = 256  # pure-image rows are pre-resized to 256x256 (preprocess/pretraining/mim_sample_chexpert_small.py)
 NUM_CODES = 8192
 CODE_GRID = 16  # 16x16 = 256 codes for the central 128x128 region
 ORGANS: tuple[str, ...] = ("head", "chest", "abdomen", "liver", "kidney", "skull", "vertebra", "brain")
@@ -580,7 +580,8 @@ def _vqa_items(rng: np.random.Generator, n: int, size: int, dicoms: list[DicomSo
 
 
 def format_refs(answers: Sequence[tuple[float, str]]) -> str:
-    """``conf|!+answer&&conf|!+answer`` (spec §4.2); confidences printed compactly (``1``, ``0.3``)."""
+    """``conf|!+answer&&conf|!+answer`` (as preprocess/pretraining/vqa_sample_pathvqa.py writes it); confidences
+    printed compactly (``1``, ``0.3``)."""
     return "&&".join(f"{conf:g}|!+{_clean(ans)}" for conf, ans in answers)
 
 
@@ -780,7 +781,8 @@ def _vision_language(
             # Mostly the canonical template, so the caption is (nearly) a function of the image.
             caption = refs[0] if rng.random() < 0.7 else _pick(rng, refs[1:])
             img, objs, name = scene.image, sorted({o.shape for o in scene.objects}), "synthetic_shapes"
-        objs = [o for o in objs if o in caption]  # spec: gt_objects = object names appearing in the caption
+        # gt_objects: the object names that appear in the caption (unify_dataset.py get_negative_caption swaps one)
+        objs = [o for o in objs if o in caption]
         captions.append(caption)
         rows.append((f"7_{i}", _b64(img), caption, "", "", "&&".join(objs), name, "caption"))
 
@@ -821,7 +823,7 @@ def _vision_language(
 
 
 def _answer_category(question: str, answer: str) -> str:
-    """Answer type keys for type2ans.json; 'how many' matches the spec's numeral ±1 special case."""
+    """Answer type keys for type2ans.json; 'how many' matches the numeral ±1 case of get_negative_answer."""
     if answer in ("yes", "no"):
         return "yes/no"
     if question.startswith("how many"):
@@ -893,7 +895,8 @@ def _finetune(seed: int, counts: dict[str, int], size: int, dicoms: list[DicomSo
     out["vqa_answer_types"] = answer_types
     out["vqa_ans2label"] = {a: k for k, a in enumerate(sorted(trainval_answers))}
 
-    # Captioning: train rows carry one caption, eval rows all references joined by && (spec §4.3).
+    # Captioning: train rows carry one caption, eval rows all references joined by && (split in
+    # BiomedGPT data/mm_data/caption_dataset.py).
     rng = _rng(seed, "caption")
     uid = 0
     for split in splits:
@@ -987,7 +990,8 @@ def write_sample_corpus(
     _write_tsv(out / "detection.tsv", det_rows, 3)
     emit("detection", out / "detection.tsv", len(det_rows))
 
-    # Negative-sample side files (spec §4.2): 'other' is the fallback list and holds every answer.
+    # Negative-sample side files (read by BiomedGPT tasks/pretrain_tasks/unify_task.py): 'other' is the fallback list
+    # of unify_dataset.py get_negative_answer and holds every answer.
     type2ans["other"] = sorted({a for v in type2ans.values() for a in v})
     neg = out / "negative_sample"
     _write_json(neg / "type2ans.json", type2ans)

@@ -1,8 +1,10 @@
 """Column layouts of the BiomedGPT/OFA TSV files, their typed Parquet schemas, and per-row validation.
 
-Every *kind* of TSV (spec 4.2 pretraining, 4.3 fine-tuning) has a layout: the fields of the file its producer
-scripts write, in that order. ``--selected-cols i,j,...`` says which TSV column feeds each layout field (the same
-pick-and-reorder semantics as OFA's ``FileDataset``); ``-`` leaves an optional field empty for files that lack it.
+Every *kind* of TSV (pretraining: read by BiomedGPT data/pretrain_data/unify_dataset.py, written by
+scripts/preprocess/pretraining/; fine-tuning: written by scripts/preprocess/finetuning/) has a layout: the fields of
+the file its producer scripts write, in that order. ``--selected-cols i,j,...`` says which TSV column feeds each
+layout field (the same pick-and-reorder semantics as OFA's ``FileDataset``); ``-`` leaves an optional field empty
+for files that lack it.
 
 Parquet columns keep the original field names. Fields that hold numbers become typed columns (``code`` ->
 ``list<int16>``, nli ``label`` -> ``int8``, ``label_index`` -> ``int32``); images become the raw encoded file bytes
@@ -53,7 +55,7 @@ __all__ = [
 # Bumped whenever the Parquet layout of any kind changes, so re-runs do not mix old and new shards.
 SCHEMA_VERSION = 1
 
-NUM_IMAGE_CODES = 256  # 16x16 VQ-GAN grid (spec 3.3)
+NUM_IMAGE_CODES = 256  # 16x16 VQ-GAN grid (BiomedGPT scripts/preprocess/pretraining/generate_code.py)
 CODEBOOK_SIZE = 8192
 VL_TYPES = ("caption", "qa", "visual_grounding")
 
@@ -221,26 +223,26 @@ KINDS: dict[str, KindSpec] = {
                 *_ANSWER_COLS,
                 pa.field("box", _BOX_TYPE),
             ),
-            "pretraining image-text pairs (spec 4.2): caption / qa / visual_grounding rows",
+            "pretraining image-text pairs (process_image_text_pair): caption / qa / visual_grounding rows",
             {"type": {"caption": ("caption",), "qa": ("question", "refs"), "visual_grounding": ("caption", "refs")}},
         ),
         KindSpec(
             "text",
             (_text("uniq_id"), _text("text")),
             _schema(_s("uniq_id"), _s("text")),
-            "pretraining plain text (spec 4.2)",
+            "pretraining plain text (unify_dataset.py process_pure_text)",
         ),
         KindSpec(
             "image",
             (_text("uniq_id"), FieldSpec("image", "image"), FieldSpec("code", "codes")),
             _schema(_s("uniq_id"), _img(), pa.field("code", pa.list_(pa.int16()))),
-            "pretraining images with 256 VQ-GAN codes (spec 4.2)",
+            "pretraining images with 256 VQ-GAN codes (unify_dataset.py process_pure_image)",
         ),
         KindSpec(
             "detection",
             (_text("uniq_id"), FieldSpec("image", "image"), FieldSpec("label", "det_label")),
             _schema(_s("uniq_id"), _img(), _s("label"), pa.field("boxes", pa.list_(_DET_BOX_TYPE))),
-            "pretraining detection: `&&`-joined `x0,y0,x1,y1,cat_id,cat_name` boxes (spec 4.2)",
+            "pretraining detection: `&&`-joined `x0,y0,x1,y1,cat_id,cat_name` boxes (process_detection)",
         ),
         KindSpec(
             "vqa",
@@ -255,7 +257,7 @@ KINDS: dict[str, KindSpec] = {
             _schema(
                 _s("question_id"), _s("image_id"), _s("question"), _s("refs"), *_ANSWER_COLS, _s("objects"), _img()
             ),
-            "fine-tuning VQA (VQA-RAD / SLAKE / PathVQA files, spec 4.3)",
+            "fine-tuning VQA (VQA-RAD / SLAKE / PathVQA files of scripts/preprocess/finetuning/vqa_rad.py etc.)",
         ),
         KindSpec(
             "caption",
@@ -267,25 +269,25 @@ KINDS: dict[str, KindSpec] = {
                 FieldSpec("image", "image"),
             ),
             _schema(_s("uniq_id"), _s("image_id"), _s("caption"), _s("objects"), _img()),
-            "fine-tuning captioning (IU X-ray / Peir Gross / ROCO files, spec 4.3)",
+            "fine-tuning captioning (IU X-ray / Peir Gross / ROCO files of preprocess/finetuning/iu_xray.py etc.)",
         ),
         KindSpec(
             "summarization",
             (_text("source"), _text("target")),
             _schema(_s("source"), _s("target")),
-            "fine-tuning summarization (MeQSum / HealthcareMagic / iCliniq, spec 4.3)",
+            "fine-tuning summarization (MeQSum / HealthcareMagic / iCliniq, data/nlg_data/summary_dataset.py)",
         ),
         KindSpec(
             "nli",
             (_text("sentence1"), _text("sentence2"), FieldSpec("label", "nli_label"), _text("genre", False)),
             _schema(_s("sentence1"), _s("sentence2"), pa.field("label", pa.int8()), _s("genre")),
-            "fine-tuning NLI (MedNLI: label 0=neutral, 1=entailment, 2=contradiction, spec 4.3)",
+            "fine-tuning NLI (MedNLI: label 0=neutral, 1=entailment, 2=contradiction; preprocess/finetuning/mednli.py)",
         ),
         KindSpec(
             "classification",
             (FieldSpec("image", "image"), FieldSpec("label_index", "int"), _text("label_name")),
             _schema(_img(), pa.field("label_index", pa.int32()), _s("label_name")),
-            "fine-tuning image classification (MedMNIST files, spec 4.3)",
+            "fine-tuning image classification (MedMNIST files of scripts/preprocess/finetuning/medmnist.py)",
         ),
     )
 }
@@ -672,7 +674,8 @@ def _parse_field(
         out[spec.name] = text
         out["answers"], out["answer_confs"] = parse_answers(text)
     elif p == "refs_vl":
-        # What refs means depends on the row type (spec 4.2): answers for qa, a box for visual_grounding.
+        # What refs means depends on the row type (unify_dataset.py process_image_text_pair): answers for qa, a box
+        # for visual_grounding.
         out[spec.name] = text
         out["answers"], out["answer_confs"], out["box"] = [], [], None
         row_type = values.get("type", "")

@@ -1,4 +1,7 @@
-"""Image transforms of BiomedGPT/OFA pretraining and fine-tuning, with boxes carried along (spec 5.1, 6.1, Q6).
+"""Image transforms of BiomedGPT/OFA pretraining and fine-tuning, with boxes carried along.
+
+The originals: BiomedGPT utils/transforms.py, composed in UnifyDataset.__init__ (data/pretrain_data/unify_dataset.py)
+for pretraining and in data/mm_data/vqa_gen_dataset.py / caption_dataset.py for fine-tuning.
 
 Every transform is a callable ``(image, target, rng) -> (image, target)``:
 
@@ -14,7 +17,8 @@ Every transform is a callable ``(image, target, rng) -> (image, target)``:
   raise instead of silently falling back to global state.
 
 Boxes stay in pixels through the whole pipeline (also after :class:`ToTensorNormalize`); :func:`box_to_bins` turns
-them into location bins, dividing by ``max_image_size`` (512), not by the image size, as the original does (Q6).
+them into location bins, dividing by ``max_image_size`` (512), not by the image size, as the original does
+(``Normalize`` of BiomedGPT utils/transforms.py).
 """
 
 from __future__ import annotations
@@ -209,7 +213,8 @@ class Compose:
 class Resize:
     """Resize to a fixed (height, width) (an int means square), bicubic, boxes scaled; no randomness.
 
-    Unlike torchvision's ``Resize(int)`` an int is *not* the shorter side: fine-tuning resizes to ``(S, S)`` (spec 6.1).
+    Unlike torchvision's ``Resize(int)`` an int is *not* the shorter side: fine-tuning resizes to ``(S, S)``
+    (BiomedGPT data/mm_data/vqa_gen_dataset.py, caption_dataset.py).
     """
 
     def __init__(self, size: int | tuple[int, int]) -> None:
@@ -556,7 +561,9 @@ class RandomAugment:
 
 
 class ToTensorNormalize:
-    """PIL image -> ``[3, H, W]`` float32 tensor normalised with mean/std (default 0.5/0.5, i.e. [-1, 1], spec 1.8).
+    """PIL image -> ``[3, H, W]`` float32 tensor normalised with mean/std (default 0.5/0.5, i.e. [-1, 1]).
+
+    0.5/0.5 is what the BiomedGPT datasets use (e.g. data/pretrain_data/unify_dataset.py, vqa_gen_dataset.py).
 
     Boxes are left in pixels; quantise them with :func:`box_to_bins`.
     """
@@ -598,8 +605,9 @@ def box_to_bins(boxes: np.ndarray | Sequence[float], max_image_size: int = 512, 
     """Pixel boxes -> integer location-bin indices (0..num_bins-1), same shape as ``boxes``.
 
     ``bin = round(coord / max_image_size * (num_bins - 1))`` (round half to even, like torch's ``.round()``), clipped.
-    The divisor is ``max_image_size`` and *not* the image size (spec Q6), so a 256-px detection crop only reaches bin
-    ~500. Returns bin indices; add the tokenizer's ``<bin_0>`` id to get token ids.
+    The divisor is ``max_image_size`` and *not* the image size (BiomedGPT utils/transforms.py ``Normalize``), so a
+    256-px detection crop only reaches bin ~500. Returns bin indices; add the tokenizer's ``<bin_0>`` id to get token
+    ids.
     """
     coords = np.asarray(boxes, dtype=np.float64)
     bins = np.rint(coords / max_image_size * (num_bins - 1))
@@ -620,7 +628,8 @@ def mask_image_center(tensor: torch.Tensor, code_image_size: int = 128) -> torch
     """Image-infilling input: a copy of ``tensor`` (``[..., H, W]``, already normalised) with the centre block zeroed.
 
     The block is rows/cols ``[int(0.5 c), int(1.5 c))`` for ``c = code_image_size``, i.e. ``[64:192, 64:192]`` of the
-    256x256 image for c = 128 (spec 5.1/5.3). Zero *after* normalisation is mid-grey, as in the original.
+    256x256 image for c = 128 (the mask bounds set in UnifyDataset.__init__, BiomedGPT
+    data/pretrain_data/unify_dataset.py). Zero *after* normalisation is mid-grey, as in the original.
     """
     low, high = image_center_block(code_image_size)
     masked = tensor.clone()
@@ -629,7 +638,7 @@ def mask_image_center(tensor: torch.Tensor, code_image_size: int = 128) -> torch
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Ready pipelines (spec 5.1 and 6.1)
+# Ready pipelines (BiomedGPT data/pretrain_data/unify_dataset.py; data/mm_data/vqa_gen_dataset.py, caption_dataset.py)
 
 
 def _vl_sizes(patch_image_size: int) -> list[int]:
@@ -678,7 +687,9 @@ def pure_image_transform() -> Compose:
 
 
 def finetune_transform(size: int) -> Compose:
-    """Fine-tuning (VQA, captioning): Resize((S, S), bicubic) -> uint8 tensor, no augmentation (spec 6.1).
+    """Fine-tuning (VQA, captioning): Resize((S, S), bicubic) -> uint8 tensor, no augmentation.
+
+    As BiomedGPT data/mm_data/vqa_gen_dataset.py and caption_dataset.py.
 
     The normalisation (0.5/0.5, or ImageNet's for MedMNIST, ``--imagenet-default-mean-and-std``) is the example's
     ``image_mean``/``image_std``, applied on the device.

@@ -1,5 +1,6 @@
 """Evaluate a fine-tuned BiomedGPT model directory on a converted dataset, decoding as the original evaluation does
-(spec 6.3), and write predictions, metrics and (optionally) an MLflow run.
+(BiomedGPT scripts/*/evaluate_*.sh, tasks/*/*.py ``valid_step``), and write predictions, metrics and (optionally)
+an MLflow run.
 
 Decoding per task:
 
@@ -70,7 +71,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy",),
 }
 
-# The original evaluation scripts' decoding settings per generative task (spec 6.3).
+# The original decoding settings per generative task: BiomedGPT scripts/vqa/evaluate_vqa_rad_beam_scale.sh,
+# scripts/text_sum/evaluate_meqsum.sh, and for captions the validation ``--eval-args`` of
+# scripts/caption/train_peir_gross.sh.
 TASK_DECODING: dict[str, dict[str, Any]] = {
     "vqa": {"beam_size": 1, "max_len_b": 200, "normalize_scores": False},
     "caption": {"beam_size": 5, "max_len_b": 16, "no_repeat_ngram_size": 3},

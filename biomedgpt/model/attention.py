@@ -1,4 +1,4 @@
-"""Multi-head attention with a dense additive bias on every call (spec 1.6).
+"""Multi-head attention with a dense additive bias on every call (BiomedGPT models/ofa/unify_multihead_attention.py).
 
 OFA adds learned absolute- and relative-position biases to the logits of every attention, so there is no
 bias-free fast path. Three implementations compute the same thing:

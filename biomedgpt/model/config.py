@@ -1,4 +1,4 @@
-"""BiomedGPT model configuration and the published size presets (spec sections 1.2 and 2)."""
+"""BiomedGPT model configuration and the published size presets (BiomedGPT models/ofa/ofa.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-# Layer-1..3 block counts of the ResNet image backbone (no layer4): spec 1.8.
+# Layer-1..3 block counts of the ResNet image backbone (no layer4), as chosen by ``resnet_type`` in
+# BiomedGPT models/ofa/unify_transformer.py, TransformerEncoder.__init__.
 RESNET_LAYERS: dict[str, tuple[int, int, int]] = {
     "resnet50": (3, 4, 6),
     "resnet101": (3, 4, 23),
     "resnet152": (3, 8, 36),
 }
 
-# name -> (encoder layers, decoder layers, d_model, ffn dim, heads, resnet): spec section 2.
+# name -> (encoder layers, decoder layers, d_model, ffn dim, heads, resnet): the ofa_{tiny,medium,base,large,huge}
+# architectures of BiomedGPT models/ofa/ofa.py (xlarge = ofa_huge).
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(encoder_layers=4, decoder_layers=4, d_model=256, ffn_dim=1024, heads=4, resnet_type="resnet50"),
     "medium": dict(encoder_layers=4, decoder_layers=4, d_model=512, ffn_dim=2048, heads=8, resnet_type="resnet101"),
@@ -22,7 +24,8 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "xlarge": dict(encoder_layers=24, decoder_layers=12, d_model=1280, ffn_dim=5120, heads=16, resnet_type="resnet152"),
 }
 
-# Trainable parameter counts with the 59,457-token vocabulary (OFA model card / spec section 2).
+# Trainable parameter counts with the 59,457-token vocabulary (the model card table of the OFA README.md gives
+# them rounded: 33M, 93M, 180M, 470M, 930M).
 PUBLISHED_PARAMETER_COUNTS: dict[str, int] = {
     "tiny": 33_488_336,
     "medium": 92_892_000,
@@ -35,7 +38,7 @@ ORIGINAL_VOCAB_SIZE = 59_457
 
 
 def size_settings(name: str) -> dict[str, Any]:
-    """The BiomedGPTConfig keyword arguments of a published size (spec section 2)."""
+    """The BiomedGPTConfig keyword arguments of a published size (BiomedGPT models/ofa/ofa.py architectures)."""
     size = MODEL_SIZES[name]
     return dict(
         d_model=size["d_model"],
@@ -57,7 +60,8 @@ class BiomedGPTConfig(PretrainedConfig):
     """Hyper-parameters of the OFA-architecture encoder-decoder used by BiomedGPT.
 
     Names follow the transformers OFA port where one exists, so configs of converted checkpoints read naturally.
-    Defaults are the flags every BiomedGPT script passes (spec 1.2), at the ``tiny`` size.
+    Defaults are the flags every BiomedGPT run script passes (e.g. BiomedGPT scripts/pretrain/pretrain_tiny.sh,
+    scripts/vqa/train_vqa_rad_beam_scale.sh) over the defaults of models/ofa/ofa.py, at the ``tiny`` size.
     """
 
     model_type = "biomedgpt"

@@ -1,5 +1,6 @@
 """Decoding for BiomedGPT: beam search / greedy with fairseq ``SequenceGenerator`` semantics, answer tries and
-all-candidate scoring (spec 6.3 and 9.9).
+all-candidate scoring (BiomedGPT models/sequence_generator.py, utils/trie.py, and the all-candidate ``valid_step``
+of tasks/mm_tasks/vqa_gen.py and tasks/cv_tasks/image_classify.py).
 
 Semantics kept from the original evaluation code:
 - beam search keeps ``2 * beam_size`` candidates per step; a candidate ending in eos is finalised only when it is
@@ -299,7 +300,8 @@ def _beam_search(
         forced = row_prefix_len > step  # rows still inside their forced prefix
         free = ~forced
 
-        # Masks that renormalise (trie, token range) go on the logits, before log-softmax (spec 9.9).
+        # Masks that renormalise (trie, token range) go on the logits, before log-softmax (as in BiomedGPT
+        # models/sequence_generator.py, EnsembleModel.forward_decoder).
         if trie is not None and bool(free.any()):
             history = tokens[:, : step + 1].tolist()
             free_rows = free.nonzero().flatten().tolist()

@@ -1,4 +1,7 @@
-"""Pre-LN Transformer layers with the NormFormer extra LayerNorms (spec 1.5), drop-path and LayerNorm choice."""
+"""Pre-LN Transformer layers with the NormFormer extra LayerNorms, drop-path and LayerNorm choice.
+
+The original: BiomedGPT models/ofa/unify_transformer_layer.py (TransformerEncoderLayer, TransformerDecoderLayer).
+"""
 
 from __future__ import annotations
 

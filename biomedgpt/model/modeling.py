@@ -1,8 +1,9 @@
-"""The BiomedGPT encoder-decoder (OFA architecture, spec 1.3-1.5) as a transformers model.
+"""The BiomedGPT encoder-decoder (OFA architecture) as a transformers model.
 
-Module and parameter names follow the original fairseq checkpoint layout (spec 7.2), so importing released
-weights is a rename of a few keys. Tensors are batch-first ([B, T, C]); the original works in [T, B, C],
-which changes no weight.
+The original: BiomedGPT models/ofa/unify_transformer.py (TransformerEncoder, TransformerDecoder) with the layers of
+models/ofa/unify_transformer_layer.py. Module and parameter names follow the original fairseq checkpoint layout
+(the module names of those files), so importing released weights is a rename of a few keys. Tensors are
+batch-first ([B, T, C]); the original works in [T, B, C], which changes no weight.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ class BiomedGPTEncoder(nn.Module):
                 raise ValueError(f"patch_indices reach {int(patch_indices.max())} but the image has {height * width}")
             keep = patch_indices.to(features.device)
         elif sample_patch_num is not None and 0 < sample_patch_num < height * width:
-            # Pretraining keeps a random subset of patches, drawn independently per sample (spec 1.3).
+            # Pretraining keeps a random subset of patches, drawn independently per sample (BiomedGPT
+            # models/ofa/unify_transformer.py, TransformerEncoder.get_patch_images_info).
             scores = torch.rand(batch, height * width, generator=generator, device="cpu").to(features.device)
             keep = scores.argsort(dim=1)[:, :sample_patch_num].sort(dim=1).values
         if keep is not None:

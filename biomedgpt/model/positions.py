@@ -1,4 +1,7 @@
-"""Relative-position buckets and position ids (spec 1.3, 1.4, 1.7).
+"""Relative-position buckets and position ids.
+
+The originals: make_token_bucket_position, make_image_bucket_position and the position ids of TransformerEncoder /
+TransformerDecoder in BiomedGPT models/ofa/unify_transformer.py.
 
 The bucket tables are not learned; they are rebuilt on the CPU (never on the meta device) and cached, so
 every encoder and decoder of a process shares one copy.

@@ -1,4 +1,4 @@
-"""ResNet stages 1-3 image backbone (spec 1.8): stride 16, 1024 output channels, no layer4, no pooling."""
+"""ResNet stages 1-3 image backbone (BiomedGPT models/ofa/resnet.py): stride 16, 1024 channels, no layer4/pooling."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""Exponential moving average (EMA) of the weights, sharded like ZeRO-3 (spec 6.2, 7.1 and 9 item 4: the VQA
-fine-tunes' ``--uses-ema --store-ema --ema-fp32``).
+"""Exponential moving average (EMA) of the weights, sharded like ZeRO-3 (the VQA fine-tunes'
+``--uses-ema --store-ema --ema-fp32`` in BiomedGPT scripts/vqa/train_vqa_rad_beam_scale.sh; fairseq saves the EMA
+under ``extra_state["ema"]``, read back by utils/checkpoint_utils.py ``load_ema_from_checkpoint``).
 
 fairseq keeps a full fp32 copy of the model per GPU. Here each rank averages only its own ZeRO-3 partition of every
 parameter (``p.ds_tensor``, ``ceil(numel / world)`` elements), in fp32 whatever the training precision, so the EMA
 costs ``4 * params / world`` bytes per rank and training never gathers for it. The full EMA model is assembled only
 when asked (``materialize_full_model`` / ``plain_copy``: validation, export), one parameter at a time.
 
-Semantics follow fairseq's EMA (``BG: fairseq/fairseq/models/ema/ema.py``): ``ema = d * ema + (1 - d) * value`` for
+Semantics follow fairseq's EMA (BiomedGPT fairseq/fairseq/models/ema/ema.py): ``ema = d * ema + (1 - d) * value`` for
 every floating entry of the state dict (parameters, frozen ones included, and persistent float buffers such as
 BatchNorm running statistics); non-float buffers (``num_batches_tracked``) are copied; before ``start_step`` the
 decay is 0, so the EMA follows the weights. The EMA starts as a copy of the weights it is built from.

@@ -1,4 +1,7 @@
-"""Label-smoothed cross entropy with per-example weights and answer constraints (spec 5.4).
+"""Label-smoothed cross entropy with per-example weights and answer constraints.
+
+The original: the ``adjust_label_smoothed_cross_entropy`` criterion of BiomedGPT
+criterions/label_smoothed_cross_entropy.py (AdjustLabelSmoothedCrossEntropyCriterion, label_smoothed_nll_loss).
 
 The original multiplies the log-probabilities of each example by its confidence (VQA answer confidence, 2.0 for
 text/image/detection pretraining examples) and spreads the smoothing mass over the whole vocabulary, or, when a

@@ -1,9 +1,10 @@
 """The training loop: streamed batches -> DeepSpeed steps, with checkpoints, stop signals and MLflow metrics.
 
-Loss normalisation (spec 5.4, made world-size independent): each sub-batch's summed loss is divided by its
-target-token count over *all* ranks and micro-batches of the step, so a step's gradient is the same whether the
-global batch runs on 1 rank with accumulation or on many ranks: ``L_v1 / ntok_v1 + L_v2 / ntok_v2`` for
-pretraining (the original's two sub-batches), ``L / ntok`` for fine-tuning.
+Loss normalisation (BiomedGPT criterions/label_smoothed_cross_entropy.py ``forward`` and trainer.py ``train_step``,
+made world-size independent): each sub-batch's summed loss is divided by its target-token count over *all* ranks
+and micro-batches of the step, so a step's gradient is the same whether the global batch runs on 1 rank with
+accumulation or on many ranks: ``L_v1 / ntok_v1 + L_v2 / ntok_v2`` for pretraining (the original's two
+sub-batches), ``L / ntok`` for fine-tuning.
 """
 
 from __future__ import annotations

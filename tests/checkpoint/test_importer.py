@@ -1,5 +1,6 @@
-"""biomedgpt-import: small checkpoints in the fairseq (spec 7.1/7.2) and transformers-OFA (spec 7.3) layouts,
-written with torch.save / safetensors, converted, and checked tensor by tensor and by logits."""
+"""biomedgpt-import: small checkpoints in the fairseq (BiomedGPT trainer.py ``state_dict``) and transformers-OFA
+(OFA-Sys/OFA feature/add_transformers modeling_ofa.py) layouts, written with torch.save / safetensors, converted, and
+checked tensor by tensor and by logits."""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def random_state(config: BiomedGPTConfig, seed: int) -> dict[str, torch.Tensor]:
 
 
 def fairseq_layout(ours: dict[str, torch.Tensor], full_buffers: bool = True) -> dict[str, torch.Tensor]:
-    """Spec 7.2: our names plus the version markers and the saved bucket / image-position buffers."""
+    """fairseq keys (BiomedGPT models/ofa/): our names plus the version markers and the saved bucket / image-position
+    buffers."""
     sd = dict(ours)
     sd["encoder.version"] = torch.tensor([3.0])
     sd["decoder.version"] = torch.tensor([3.0])
@@ -431,7 +433,7 @@ def test_omegaconf_cfg_loads_without_omegaconf(states: dict, tmp_path: Path, mon
 
 
 def to_hf_key(key: str) -> str:
-    """Spec 7.3, read right to left: fairseq names -> the transformers OFA port's."""
+    """The OFA transformers port's renames (modeling_ofa.py), read right to left: fairseq names -> the port's."""
     match = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.(.*)$", key)
     if not match:
         return key
@@ -458,7 +460,8 @@ def test_hf_ofa_directory_lands_key_for_key(states: dict, vocab: dict, tmp_path:
     source.mkdir()
     sd = {to_hf_key(k): v.clone() for k, v in fairseq_layout(states["model"]).items() if not k.endswith("version")}
     assert "decoder.layers.1.cross_attn.c_attn" in sd and "encoder.layers.0.self_attn_mid_layer_norm.bias" in sd
-    sd["decoder.image_position_idx"] = sd["decoder.image_position_idx"][:1025].clone()  # the HF port's length (Q5)
+    # The HF port's length (taokz/BiomedGPT issue #39).
+    sd["decoder.image_position_idx"] = sd["decoder.image_position_idx"][:1025].clone()
     # The tied embedding is serialized three times, as separate tensors.
     assert all(k in sd for k in ("encoder.embed_tokens.weight", "decoder.output_projection.weight"))
     if weights_file.endswith(".safetensors"):

@@ -14,7 +14,7 @@ from biomedgpt.data.noising import (
 from biomedgpt.data.transforms import rng_for
 
 BOS, EOS, MASK = 0, 2, 50264
-FIRST_CODE = 50265  # <code_0>; codes and bins lie at and above this id (spec 3.2)
+FIRST_CODE = 50265  # <code_0>; codes and bins lie at and above this id (BiomedGPT tasks/ofa_task.py)
 
 
 def sentence(rng: np.random.Generator, num_words: int) -> tuple[np.ndarray, np.ndarray, int]:
