@@ -96,12 +96,12 @@ def training_config_builder(source: str, overrides: Sequence[str]) -> Any:
     from pathlib import Path
 
     from biomedgpt.checkpoint.consolidate import ConfigBuilder, read_model_config
-    from biomedgpt.config_utils import ConfigError, load_config
-    from biomedgpt.train.config import TrainConfig, preset_paths
-    from biomedgpt.train.engine import load_tokenizer, model_config_for
+    from biomedgpt.config_utils import ConfigError
+    from biomedgpt.train.config import load_run_config
+    from biomedgpt.train.recipes.biomedgpt import load_tokenizer, model_config_for
 
     try:
-        train_config = load_config(TrainConfig, source, list(overrides), presets=preset_paths())
+        train_config = load_run_config(source, list(overrides))
     except (ConfigError, FileNotFoundError) as error:
         raise ConsolidationError(f"--config-from {source}: {error}") from error
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import sys
@@ -19,8 +20,8 @@ from collections.abc import MutableMapping, Sequence
 
 import yaml
 
-from biomedgpt.config_utils import ConfigError, config_to_dict, load_config
-from biomedgpt.train.config import TrainConfig, preset_paths
+from biomedgpt.config_utils import ConfigError, config_to_dict
+from biomedgpt.train.config import TrainConfig, load_run_config, preset_paths
 from biomedgpt.train.preflight import check_inputs, demo_tokenizer_warning
 
 # What torchrun sets for every rank (streaming needs LOCAL_WORLD_SIZE too); a plain start sets them for one rank.
@@ -129,13 +130,8 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
 
     from biomedgpt.model import BiomedGPTForConditionalGeneration, count_trainable_parameters
     from biomedgpt.model.config import ORIGINAL_VOCAB_SIZE
-    from biomedgpt.train.engine import (
-        load_tokenizer,
-        model_config_for,
-        model_state_bytes_per_rank,
-        resolve_deepspeed_config,
-        zero_stage,
-    )
+    from biomedgpt.train.engine import model_state_bytes_per_rank, resolve_deepspeed_config, zero_stage
+    from biomedgpt.train.recipes.biomedgpt import load_tokenizer, model_config_for
 
     # A dry run plans a GPU job from any machine: a bf16 config is not refused for lack of a local GPU.
     ds_config = resolve_deepspeed_config(config, world_size, cuda=True if config.precision == "bf16" else None)
@@ -173,10 +169,23 @@ def warn_demo_tokenizer(source: str, config: TrainConfig) -> None:
         print(f"biomedgpt-train: {warning}", file=sys.stderr, flush=True)
 
 
+def log_progress_to_stdout() -> None:
+    """The project's INFO log lines (steps, validation, resuming, stopping) as plain lines on stdout, where SLURM
+    output files and the launchers' logs collect them; other libraries' loggers are left as they are."""
+    project = logging.getLogger("biomedgpt")
+    if not any(getattr(handler, "biomedgpt_progress", False) for handler in project.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.biomedgpt_progress = True  # type: ignore[attr-defined]
+        project.addHandler(handler)
+    project.setLevel(logging.INFO)
+    project.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(TrainConfig, args.config, args.overrides, presets=preset_paths())
+        config = load_run_config(args.config, args.overrides)
         if args.dry_run:
             world_size = dry_run_world_size(args.world_size)
             check_inputs(config, allow_missing=args.allow_missing_data, hint=PLANNING_HINT)
@@ -200,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from biomedgpt.train.checkpointing import ResumeError
     from biomedgpt.train.trainer import Trainer
 
+    log_progress_to_stdout()
     try:
         return Trainer(config).run()
     except ResumeError as error:

@@ -6,9 +6,11 @@ world size, so one config runs on 2 CPU ranks or 64 GPUs with the same optimisat
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # Package data (setup.cfg), so that a wheel install finds them as the checkout does.
@@ -214,6 +216,9 @@ class TrackingSection:
 
 @dataclass
 class TrainConfig:
+    """The run config of the ``biomedgpt`` recipe (the BiomedGPT / OFA encoder-decoder)."""
+
+    recipe: Literal["biomedgpt"] = "biomedgpt"  # which recipe trains (biomedgpt/train/recipes)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -247,6 +252,25 @@ class TrainConfig:
                     f"validation.metric={metric!r} is not a {self.data.task} metric; choose one of "
                     f"{list(TASK_METRICS[self.data.task])}"
                 )
+
+
+def load_run_config(source: Any, overrides: Sequence[str] = ()) -> Any:
+    """The run config of ``source`` (a preset name, a YAML/JSON file or a dict) with ``key=value`` overrides, typed
+    by the config class of the recipe it names (``recipe:``, default ``biomedgpt``)."""
+    from biomedgpt.config_types import did_you_mean
+    from biomedgpt.config_utils import ConfigError, load_config, load_raw_config
+    from biomedgpt.train.recipes import DEFAULT_RECIPE, RECIPES, recipe_config_class
+
+    presets = preset_paths()
+    tree, origins = load_raw_config(source, overrides, presets=presets)
+    name = tree.get("recipe", DEFAULT_RECIPE)
+    if not isinstance(name, str) or name not in RECIPES:
+        hint = did_you_mean(difflib.get_close_matches(str(name), sorted(RECIPES), n=1))
+        raise ConfigError(
+            f"unknown recipe {name!r} (from {origins.get('recipe', 'the config')}){hint}; choose one of "
+            f"{', '.join(sorted(RECIPES))}"
+        )
+    return load_config(recipe_config_class(name), source, overrides, presets=presets)
 
 
 def preset_paths() -> dict[str, Path]:

@@ -1,4 +1,5 @@
-"""Distributed set-up, the DeepSpeed config, model, optimizer and schedule: everything before the first step."""
+"""Distributed set-up, the DeepSpeed config, optimizer and schedule around a recipe's model: everything before the
+first step."""
 
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ from typing import Any
 
 import torch
 
-from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from biomedgpt.runtime.launcher_env import DistributedEnv, apply_distributed_env
-from biomedgpt.tokenizer import BiomedGPTTokenizer
 from biomedgpt.train.config import TrainConfig, deepspeed_config_path
 
 AUTO = "auto"
@@ -130,55 +129,6 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def model_config_for(config: TrainConfig, vocab_size: int) -> BiomedGPTConfig:
-    section = config.model
-    return BiomedGPTConfig.for_size(
-        section.size,
-        vocab_size=vocab_size,
-        attention_backend=section.attention_backend,
-        resnet_norm=section.resnet_norm,
-        dropout=section.dropout,
-        encoder_drop_path_rate=section.encoder_drop_path_rate,
-        decoder_drop_path_rate=section.decoder_drop_path_rate,
-    )
-
-
-def build_model(config: TrainConfig, tokenizer: BiomedGPTTokenizer, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """From scratch under ``zero.Init`` for ZeRO-3 (no rank holds the whole model), or from ``model.init_from``."""
-    import deepspeed
-
-    from biomedgpt.model.layers import apex_layer_norm_allowed
-
-    with apex_layer_norm_allowed(config.model.apex_layer_norm):
-        model = _construct_model(config, tokenizer, ds_config, deepspeed)
-    if config.model.freeze_embedding:
-        model.set_embedding_trainable(False)
-    from biomedgpt.train.activation_checkpointing import apply_activation_checkpointing, compile_layers
-
-    apply_activation_checkpointing(model, config.model.activation_checkpointing)
-    if config.model.compile_layers:
-        compile_layers(model)
-    return model
-
-
-def _construct_model(
-    config: TrainConfig, tokenizer: BiomedGPTTokenizer, ds_config: dict[str, Any], deepspeed: Any
-) -> torch.nn.Module:
-    if config.model.init_from:
-        model = BiomedGPTForConditionalGeneration.from_pretrained(config.model.init_from)
-        if model.config.vocab_size != len(tokenizer):
-            raise ValueError(
-                f"{config.model.init_from} has vocab_size={model.config.vocab_size} but the tokenizer has "
-                f"{len(tokenizer)} ids; use the tokenizer saved with that model (data.tokenizer)"
-            )
-    elif zero_stage(ds_config) == 3:
-        with deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds_config)):
-            model = BiomedGPTForConditionalGeneration(model_config_for(config, len(tokenizer)))
-    else:
-        model = BiomedGPTForConditionalGeneration(model_config_for(config, len(tokenizer)))
-    return model
-
-
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """fairseq's polynomial_decay with power 1: linear warmup (the first update already at 1/warmup), then
     linear decay to 0 at ``total_steps``. ``step`` counts completed updates."""
@@ -189,25 +139,24 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 1.0 - (step - warmup_steps) / max(total_steps - warmup_steps, 1)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on *all* parameters, as the original (no bias/LayerNorm exclusion).
-
-    FusedAdam on GPU (``optim.fused_adam``), DeepSpeed's CPU Adam when the optimizer is offloaded, torch AdamW
-    otherwise.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(
+    parameter_groups: list[dict[str, Any]], config: Any, ds_config: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay over the recipe's parameter groups (a group may set its own
+    ``weight_decay``): FusedAdam on GPU (``optim.fused_adam``), DeepSpeed's CPU Adam when the optimizer is
+    offloaded, torch AdamW otherwise."""
     optim = config.optim
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload not in (None, "none"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+        return DeepSpeedCPUAdam(parameter_groups, adamw_mode=True, **kwargs)
     if torch.cuda.is_available() and config.optim.fused_adam:
         from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(params, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+        return FusedAdam(parameter_groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(parameter_groups, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -216,22 +165,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> to
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
 
 
-def load_tokenizer(config: TrainConfig) -> BiomedGPTTokenizer:
-    if config.data.tokenizer:
-        return BiomedGPTTokenizer.from_pretrained(config.data.tokenizer)
-    return BiomedGPTTokenizer.default()
-
-
-def initialize_engine(
-    config: TrainConfig, context: DistributedContext, tokenizer: BiomedGPTTokenizer
-) -> tuple[Any, dict[str, Any]]:
-    """The DeepSpeed engine (model, optimizer and schedule wrapped) and the resolved DeepSpeed config."""
+def initialize_engine(config: Any, context: DistributedContext, recipe: Any) -> tuple[Any, dict[str, Any]]:
+    """The DeepSpeed engine (the recipe's model, its optimizer and schedule wrapped) and the resolved DeepSpeed
+    config."""
     import deepspeed
 
-    check_attention_backend(config)
     ds_config = resolve_deepspeed_config(config, context.world_size)
-    model = build_model(config, tokenizer, ds_config)
-    optimizer = build_optimizer(model, config, ds_config)
+    model = recipe.build_model(ds_config)
+    optimizer = build_optimizer(recipe.parameter_groups(model), config, ds_config)
     scheduler = build_scheduler(optimizer, config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(ds_config)

@@ -1,30 +1,29 @@
 """The training loop: streamed batches -> DeepSpeed steps, with checkpoints, stop signals and MLflow metrics.
 
+Model-agnostic: a recipe (:mod:`biomedgpt.train.recipes`) builds the model, tokenizer, data and loss.
+
 Loss normalisation (BiomedGPT criterions/label_smoothed_cross_entropy.py ``forward`` and trainer.py ``train_step``,
 made world-size independent): each sub-batch's summed loss is divided by its target-token count over *all* ranks
 and micro-batches of the step, so a step's gradient is the same whether the global batch runs on 1 rank with
-accumulation or on many ranks: ``L_v1 / ntok_v1 + L_v2 / ntok_v2`` for pretraining (the original's two
-sub-batches), ``L / ntok`` for fine-tuning.
+accumulation or on many ranks: ``L_v1 / ntok_v1 + L_v2 / ntok_v2`` for BiomedGPT pretraining (the original's two
+sub-batches), ``L / ntok`` for a recipe with one.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import logging
 import os
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from biomedgpt.checkpoint.layout import TOKENIZER_DIR
-from biomedgpt.data.examples import images_on_device
-from biomedgpt.data.finetune_tasks import load_answer_list, write_task_file
-from biomedgpt.data.pretrain_tasks import AUXILIARY_TASKS, IMAGE_TEXT_TASKS
 from biomedgpt.data.transforms import rng_for
 from biomedgpt.runtime.collectives import all_reduce
 from biomedgpt.runtime.shared_memory import free_stale_shared_memory
@@ -36,121 +35,106 @@ from biomedgpt.train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from biomedgpt.train.config import TrainConfig
-from biomedgpt.train.engine import DistributedContext, init_distributed, initialize_engine, load_tokenizer
-from biomedgpt.train.flops import forward_flops, training_flops
-from biomedgpt.train.fused_loss import fused_loss_parts, loss_output_from_parts
-from biomedgpt.train.loss import kept_token_count, label_smoothed_cross_entropy
+from biomedgpt.train.engine import DistributedContext, init_distributed, initialize_engine
+from biomedgpt.train.flops import training_flops
 from biomedgpt.train.metrics import (
     device_peak_tflops,
     model_flops_utilisation,
     peak_memory_bytes,
     step_loss_metrics,
 )
-from biomedgpt.train.validation import Validator, finetune_task_config
+from biomedgpt.train.recipes import Recipe, build_recipe
 
-FINETUNE_TASK_NAMES = ("vqa", "caption", "summarization", "nli", "classification")
-ALL_TASKS = (*IMAGE_TEXT_TASKS, *AUXILIARY_TASKS, *FINETUNE_TASK_NAMES)
-MODEL_INPUTS = ("input_ids", "patch_images", "patch_masks", "decoder_input_ids", "code_masks", "patch_indices")
+logger = logging.getLogger(__name__)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return int(rng_for(seed, step, rank, "dropout").integers(2**62))
 
 
-def build_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]]:
-    """The streamed dataset, its loader and the names of the sub-batches each micro-batch holds."""
-    from biomedgpt.data.finetune_tasks import FinetuneExampleBuilder
-    from biomedgpt.data.pipeline import (
-        FinetuneCollator,
-        FinetuneStream,
-        MixtureConfig,
-        PretrainCollator,
-        PretrainStream,
-        make_loader,
-    )
-    from biomedgpt.data.pretrain_tasks import NegativeSamples, PretrainExampleBuilder, PretrainTaskConfig
+@dataclass
+class TrainState:
+    """Everything a resumed run restores besides the engine's own (weights, optimizer, schedule) and the EMA: saved
+    as the checkpoint's client state."""
 
-    data = config.data
-    streaming_kwargs = dict(
-        batch_size=config.batch.micro_batch_size,
-        shuffle=data.shuffle,
-        shuffle_algo=data.shuffle_algo,
-        shuffle_seed=data.seed,
-        num_canonical_nodes=data.num_canonical_nodes,
-    )
-    if data.task == "pretrain":
-        if not data.negative_samples:
-            raise ValueError("pretraining needs data.negative_samples (type2ans.json, object.txt, all_captions.txt)")
-        builder = PretrainExampleBuilder(
-            tokenizer,
-            NegativeSamples.load(data.negative_samples),
-            PretrainTaskConfig(patch_image_size=data.patch_image_size, sample_patch_num=data.sample_patch_num),
-        )
-        mixture = MixtureConfig(data.mixture_period, data.mixture_text, data.mixture_image, data.mixture_detection)
-        dataset = PretrainStream(
-            builder,
-            data.vision_language,
-            data.text,
-            data.image,
-            data.detection,
-            mixture,
-            data.seed,
-            data.remote_root,
-            **streaming_kwargs,
-        )
-        collator = PretrainCollator(tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
-        keys = ["v1", "v2"]
-    else:
-        builder = FinetuneExampleBuilder(
-            tokenizer, finetune_task_config(config), load_answer_list(data.answers) if data.answers else None
-        )
-        dataset = FinetuneStream(builder, data.train, seed=data.seed, **streaming_kwargs)
-        collator = FinetuneCollator(tokenizer.pad_id, len(tokenizer))
-        keys = ["main"]
-    loader = make_loader(dataset, config.batch.micro_batch_size, collator, data.num_workers)
-    return dataset, loader, keys
+    step: int = 0
+    epoch: int = 0
+    run_id: str | None = None
+    loader: Any = None  # the loader's state_dict
+    validation: Any = None  # the validator's state_dict
+    rng_state: Any = field(default=None, repr=False)  # only read back (the checkpoint writes each rank's own)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"step": self.step, "epoch": self.epoch, "loader": self.loader, "mlflow_run_id": self.run_id}
+        if self.validation is not None:
+            state["validation"] = self.validation
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.epoch = int(state.get("epoch", 0))
+        self.run_id = state.get("mlflow_run_id")
+        self.loader = state["loader"]
+        self.validation = state.get("validation")
+        self.rng_state = state.get("rng_state")
 
 
 class Trainer:
-    """Runs one training job; the same command resumes it from its newest complete checkpoint."""
+    """Runs one training job; the same command resumes it from its newest complete checkpoint.
 
-    def __init__(self, config: TrainConfig) -> None:
+    Collective: every rank constructs it (process group, recipe, engine, data, EMA, validation, resumed state) and
+    calls :meth:`run`.
+    """
+
+    def __init__(self, config: Any) -> None:
         self.config = config
-        self.launcher = launcher_pid()  # now: if torchrun dies during the minutes of set-up, the parent changes
-
-    def _sub_batches(self, micro_batch: Any) -> dict[str, dict[str, Any]]:
-        return micro_batch if self.keys != ["main"] else {"main": micro_batch}
-
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        moved = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.context.device, non_blocking=True)
-            moved[key] = value
-        # The loader hands over uint8 images: they are normalised (and cast) here, on the training device.
-        return images_on_device(moved, torch.bfloat16 if self.config.precision == "bf16" else None)
-
-    def _forward_loss(self, batch: dict[str, Any], drop_worst_ratio: float = 0.0) -> Any:
-        batch = self._to_device(batch)
-        inputs = {key: batch[key] for key in MODEL_INPUTS if batch.get(key) is not None}
-        loss_args = dict(
-            epsilon=self.config.optim.label_smoothing,
-            padding_idx=self.tokenizer.pad_id,
-            example_weights=batch["weights"],
-            constraint_masks=batch.get("constraint_masks"),  # the fused loss applies them chunk by chunk
-            drop_worst_ratio=drop_worst_ratio,
+        self.launcher = launcher_pid()  # first: if torchrun dies during the minutes of set-up, the parent changes
+        # DeepSpeed 0.19 calls collectives torch deprecated in 2.14, once per parameter gather / gradient reduction.
+        warnings.filterwarnings(
+            "ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated", category=FutureWarning
         )
-        if self.config.optim.fused_loss:
-            # Computed inside the model's output projection (see TiedOutputProjection): no [B, T, V] logits.
-            hidden_state_loss = functools.partial(
-                fused_loss_parts, target=batch["target"], chunk_size=self.config.optim.fused_loss_chunk_size,
-                **loss_args,
-            )  # fmt: skip
-            output = self.engine(**inputs, hidden_state_loss=hidden_state_loss)
-            return loss_output_from_parts(output.loss_parts)
-        output = self.engine(**inputs)
-        return label_smoothed_cross_entropy(output.logits, batch["target"], **loss_args)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.context: DistributedContext = init_distributed(config.dist_timeout_minutes)
+        torch.manual_seed(config.seed + self.context.rank)  # dropout differs per rank, as with DDP
+        self.recipe: Recipe = build_recipe(config)
+        freed = free_stale_shared_memory(local_main=self.context.local_rank == 0)  # what killed runs left
+        if freed:
+            logger.info("freed %d shared-memory blocks that killed runs left in /dev/shm", len(freed))
+        self.engine, self.ds_config = initialize_engine(config, self.context, self.recipe)
+        self.checkpoint_dir = Path(config.checkpoint.dir)
+        if self.context.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self.recipe.write_run_files(self.checkpoint_dir, self.engine.module)
+        data = self.recipe.build_data()
+        self.dataset, self.loader, self.keys = data.dataset, data.loader, data.keys
+        from biomedgpt.train.ema import ShardedEMA
+
+        self.ema = (
+            ShardedEMA(self.engine.module, config.ema.decay, config.ema.start_step) if config.ema.enabled else None
+        )
+        self.validator = self.recipe.build_validator(self.context.rank, self.context.world_size, self.context.device)
+        self.state = TrainState()
+        if config.checkpoint.resume:
+            self._resume()
+        self.iterator: Iterator[Any] = iter(self.loader)
+
+    def _resume(self) -> None:
+        client_state = load_latest_checkpoint(self.engine, self.checkpoint_dir, self.context.rank)
+        if client_state is None:
+            return
+        self.state.load_state_dict(client_state)
+        self.loader.load_state_dict(self.state.loader)
+        if self.validator is not None:
+            self.validator.load_state_dict(self.state.validation)
+        if self.ema is not None:
+            self._load_ema(Path(client_state["checkpoint_path"]))
+        restored = f" with the EMA of {self.ema.num_updates} updates" if self.ema is not None else ""
+        self._log("resuming from %s at step %d%s", self.checkpoint_dir, self.state.step, restored)
+
+    def _log(self, message: str, *args: Any) -> None:
+        if self.context.is_main:
+            logger.info(message, *args)
 
     def _next_micro_batches(self, count: int) -> list[Any]:
         batches = []
@@ -158,49 +142,49 @@ class Trainer:
             try:
                 batches.append(next(self.iterator))
             except StopIteration:
-                self.epoch += 1
+                self.state.epoch += 1
                 self.iterator = iter(self.loader)
         return batches
 
     def train_step(self, micro_batches: list[Any], completed_steps: int = 0) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns globally reduced metrics."""
+        recipe, keys = self.recipe, self.keys
         world, accumulation = self.context.world_size, len(micro_batches)
-        pad = self.tokenizer.pad_id
-        drop_ratio = self.config.optim.drop_worst_ratio_at(completed_steps)
+        tasks = recipe.task_names
         local_tokens = torch.tensor(
             [
-                sum(kept_token_count(self._sub_batches(mb)[k]["ntokens"], drop_ratio) for mb in micro_batches)
-                for k in self.keys
+                sum(recipe.target_tokens(recipe.sub_batches(mb)[key], completed_steps) for mb in micro_batches)
+                for key in keys
             ],
             dtype=torch.float64,
         )
         global_tokens = all_reduce(local_tokens.clone())
-        loss_sums = torch.zeros(len(self.keys), dtype=torch.float64)
-        task_stats = torch.zeros(2, len(ALL_TASKS), dtype=torch.float64)  # loss sum, tokens
+        loss_sums = torch.zeros(len(keys), dtype=torch.float64)
+        task_stats = torch.zeros(2, len(tasks), dtype=torch.float64)  # loss sum, tokens
         input_tokens = 0
         lr = float(self.engine.get_lr()[0])
         for micro_batch in micro_batches:
             loss = None
-            for index, key in enumerate(self.keys):
-                batch = self._sub_batches(micro_batch)[key]
-                out = self._forward_loss(batch, drop_ratio)
+            for index, key in enumerate(keys):
+                batch = recipe.sub_batches(micro_batch)[key]
+                out = recipe.forward_loss(self.engine, batch, completed_steps, self.context.device)
                 part = out.loss / max(float(global_tokens[index]), 1.0) * (world * accumulation)
                 loss = part if loss is None else loss + part
                 loss_sums[index] += float(out.loss.detach())
-                tokens = out.per_example_tokens  # the kept ones when the worst are dropped
-                input_tokens += int(batch["input_ids"].ne(pad).sum()) + int(batch["decoder_input_ids"].ne(pad).sum())
-                for task, example_loss, ntok in zip(batch["tasks"], out.per_example.tolist(), tokens.tolist()):
-                    if task in ALL_TASKS:
-                        task_stats[0, ALL_TASKS.index(task)] += example_loss
-                        task_stats[1, ALL_TASKS.index(task)] += ntok
+                input_tokens += recipe.input_tokens(batch)
+                labels = recipe.example_tasks(batch) or []
+                for task, example_loss, ntok in zip(labels, out.per_example.tolist(), out.per_example_tokens.tolist()):
+                    if task in tasks:
+                        task_stats[0, tasks.index(task)] += example_loss
+                        task_stats[1, tasks.index(task)] += ntok
             self.engine.backward(loss)
             self.engine.step()
         reduced = all_reduce(torch.cat([loss_sums, task_stats.flatten(), torch.tensor([float(input_tokens)])]))
-        loss_sums = reduced[: len(self.keys)]
-        task_stats = reduced[len(self.keys) : -1].view(2, len(ALL_TASKS))
+        loss_sums = reduced[: len(keys)]
+        task_stats = reduced[len(keys) : -1].view(2, len(tasks))
         metrics: dict[str, float] = {"lr": lr}
-        metrics.update(step_loss_metrics(self.keys, loss_sums.tolist(), global_tokens.tolist()))
-        for index, task in enumerate(ALL_TASKS):
+        metrics.update(step_loss_metrics(keys, loss_sums.tolist(), global_tokens.tolist()))
+        for index, task in enumerate(tasks):
             if task_stats[1, index] > 0:
                 metrics[f"loss/{task}"] = float(task_stats[0, index] / task_stats[1, index])
         norm = self.engine.get_global_grad_norm()
@@ -212,92 +196,29 @@ class Trainer:
 
     def _step_flops(self, micro_batches: list[Any]) -> float:
         """Model FLOPs (forward + backward) of this step over all ranks, from the padded batch shapes."""
-        config = self.engine.module.config
-        total = 0
-        for micro_batch in micro_batches:
-            for key in self.keys:
-                batch = self._sub_batches(micro_batch)[key]
-                images = batch.get("patch_images")
-                kept = batch.get("patch_indices")
-                total += forward_flops(
-                    config,
-                    int(batch["input_ids"].shape[0]),
-                    int(batch["input_ids"].shape[1]),
-                    int(batch["decoder_input_ids"].shape[1]),
-                    None if images is None else (int(images.shape[-2]), int(images.shape[-1])),
-                    None if kept is None else int(kept.shape[1]),
-                )
+        total = sum(
+            self.recipe.forward_flops(self.engine.module, self.recipe.sub_batches(micro_batch)[key])
+            for micro_batch in micro_batches
+            for key in self.keys
+        )
         return float(all_reduce(torch.tensor([float(training_flops(total))], dtype=torch.float64))[0])
 
     def run(self) -> int:
-        config = self.config
-        # DeepSpeed 0.19 calls collectives torch deprecated in 2.14, once per parameter gather / gradient reduction.
-        warnings.filterwarnings(
-            "ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated", category=FutureWarning
-        )
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
-        self.context: DistributedContext = init_distributed(config.dist_timeout_minutes)
-        torch.manual_seed(config.seed + self.context.rank)  # dropout differs per rank, as with DDP
-        self.tokenizer = load_tokenizer(config)
-        freed = free_stale_shared_memory(local_main=self.context.local_rank == 0)  # what killed runs left
-        if freed:
-            print(f"freed {len(freed)} shared-memory blocks that killed runs left in /dev/shm", flush=True)
-        self.engine, self.ds_config = initialize_engine(config, self.context, self.tokenizer)
-        if self.context.is_main:
-            # What a consolidated model needs besides the weights (biomedgpt-consolidate reads these).
-            Path(config.checkpoint.dir).mkdir(parents=True, exist_ok=True)
-            self.engine.module.config.save_pretrained(config.checkpoint.dir)
-            self.tokenizer.save_pretrained(Path(config.checkpoint.dir) / TOKENIZER_DIR)
-            if config.data.task != "pretrain":
-                answers = load_answer_list(config.data.answers) if config.data.answers else None
-                write_task_file(config.checkpoint.dir, finetune_task_config(config), answers)
-        self.dataset, self.loader, self.keys = build_data(config, self.tokenizer)
-        from biomedgpt.train.ema import ShardedEMA
-
-        self.ema = (
-            ShardedEMA(self.engine.module, config.ema.decay, config.ema.start_step) if config.ema.enabled else None
-        )
-        self.validator = (
-            Validator(config, self.tokenizer, self.context.rank, self.context.world_size, self.context.device)
-            if config.validation.data
-            else None
-        )
-        self.epoch = 0
-        accumulation = config.batch.gradient_accumulation(self.context.world_size)
-        checkpoint_dir = Path(config.checkpoint.dir)
-
-        step, run_id, rng = 0, None, None
-        if config.checkpoint.resume:
-            client_state = load_latest_checkpoint(self.engine, checkpoint_dir, self.context.rank)
-            if client_state is not None:
-                step = int(client_state["step"])
-                run_id = client_state.get("mlflow_run_id")
-                self.epoch = int(client_state.get("epoch", 0))
-                self.loader.load_state_dict(client_state["loader"])
-                rng = client_state.get("rng_state")
-                if self.validator is not None:
-                    self.validator.load_state_dict(client_state.get("validation"))
-                if self.ema is not None:
-                    self._load_ema(Path(client_state["checkpoint_path"]))
-                if self.context.is_main:
-                    restored = f" with the EMA of {self.ema.num_updates} updates" if self.ema is not None else ""
-                    print(f"resuming from {checkpoint_dir} at step {step}{restored}", flush=True)
-        self.iterator: Iterator[Any] = iter(self.loader)
-
+        config, state = self.config, self.state
         from biomedgpt.train.tracking import start_tracking
 
-        tracker, run_id = start_tracking(config, self.ds_config, self.context, run_id)
+        tracker, state.run_id = start_tracking(config, self.ds_config, self.context, state.run_id)
         stop = StopController(config.checkpoint.wall_clock_minutes, launcher=self.launcher).install()
-        if rng is not None:
-            set_rng_state(rng)  # last: everything above may draw random numbers (the loader's base seed does)
+        if state.rng_state is not None:
+            set_rng_state(state.rng_state)  # last: everything above may draw random numbers (the loader's seed does)
+        accumulation = config.batch.gradient_accumulation(self.context.world_size)
         peak_tflops = device_peak_tflops(config.precision, config.peak_tflops)
-        progress = self._progress(step)
+        progress = self._progress(state.step)
         status = "FINISHED"
         try:
-            if self.validator is not None and self.validator.missed(step):
-                self._validate(step, tracker)  # the previous job stopped on a due step before validating it
-            while step < config.optim.max_steps:
+            if self.validator is not None and self.validator.missed(state.step):
+                self._validate(state.step, tracker)  # the previous job stopped on a due step before validating it
+            while state.step < config.optim.max_steps:
                 wait_started = time.perf_counter()
                 micro_batches = self._next_micro_batches(accumulation)
                 data_wait = time.perf_counter() - wait_started
@@ -305,9 +226,10 @@ class Trainer:
                 step_started = time.perf_counter()
                 # Dropout and drop-path draw from a generator seeded by (seed, step, rank): a resumed run replays
                 # them exactly, whatever else consumed random numbers since the checkpoint.
-                torch.manual_seed(step_seed(config.seed, step, self.context.rank))
-                metrics = self.train_step(micro_batches, step)
-                step += 1
+                torch.manual_seed(step_seed(config.seed, state.step, self.context.rank))
+                metrics = self.train_step(micro_batches, state.step)
+                state.step += 1
+                step = state.step
                 if self.ema is not None:
                     self.ema.update(self.engine.module, step)
                 step_time = time.perf_counter() - step_started
@@ -318,7 +240,7 @@ class Trainer:
                     tokens_per_second=metrics["input_tokens"] / step_time,
                     tflops_per_device=flops_per_step / step_time / 1e12 / self.context.world_size,
                     peak_memory_gb=peak_memory_bytes(self.context.device) / 2**30,
-                    epoch=float(self.epoch),
+                    epoch=float(state.epoch),
                 )
                 mfu = model_flops_utilisation(flops_per_step, step_time, self.context.world_size, peak_tflops)
                 if mfu is not None:
@@ -330,11 +252,10 @@ class Trainer:
                 if self.validator is not None and self.validator.due(step) and not stopping:
                     self._validate(step, tracker)
                 if step % config.checkpoint.every_steps == 0 or step == config.optim.max_steps or stopping:
-                    self._save(step, run_id)
+                    self._save()
                 if stopping:
                     status = "KILLED"
-                    if self.context.is_main:
-                        print(f"stopping at step {step}: {stop.reason}; checkpoint saved, exiting 0", flush=True)
+                    self._log("stopping at step %d: %s; checkpoint saved, exiting 0", step, stop.reason)
                     break
         except BaseException:
             tracker.finish("FAILED")
@@ -344,27 +265,21 @@ class Trainer:
             if progress is not None:
                 progress.close()
         if self.validator is not None and self.validator.best_value is not None:
-            tracker.log_metrics({f"best/{self.validator.metric}": self.validator.best_value}, step)
+            tracker.log_metrics({f"best/{self.validator.metric}": self.validator.best_value}, state.step)
             tracker.set_tags({"best_step": self.validator.best_step, "best_model": str(self.validator.best_dir)})
         tracker.finish(status)
-        if self.context.is_main and status == "FINISHED":
-            print(f"training finished at step {step}; checkpoints in {checkpoint_dir}", flush=True)
+        if status == "FINISHED":
+            self._log("training finished at step %d; checkpoints in %s", state.step, self.checkpoint_dir)
         return 0
 
-    def _save(self, step: int, run_id: str | None) -> None:
-        client_state = {
-            "step": step,
-            "epoch": self.epoch,
-            "loader": self.loader.state_dict(),
-            "mlflow_run_id": run_id,
-        }
-        if self.validator is not None:
-            client_state["validation"] = self.validator.state_dict()
+    def _save(self) -> None:
+        self.state.loader = self.loader.state_dict()
+        self.state.validation = self.validator.state_dict() if self.validator is not None else None
         save_checkpoint(
             self.engine,
             self.config.checkpoint.dir,
-            step,
-            client_state,
+            self.state.step,
+            self.state.state_dict(),
             self.config.checkpoint.keep_last,
             self.context.rank,
             rank_states={"ema": self.ema.state_dict()} if self.ema is not None else None,
@@ -395,10 +310,13 @@ class Trainer:
                 if validator.best_step == step
                 else f"best {validator.best_value:.4f} at {validator.best_step}"
             )
-            print(
-                f"validation at step {step}: {validator.metric}={metrics[validator.metric]:.4f} ({best}) "
-                + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
-                flush=True,
+            logger.info(
+                "validation at step %d: %s=%.4f (%s) %s",
+                step,
+                validator.metric,
+                metrics[validator.metric],
+                best,
+                " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
             )
             self._record(step, values)
 
@@ -429,4 +347,4 @@ class Trainer:
         if progress is not None:
             progress.update(step - progress.n)
             progress.set_postfix_str(summary)
-        print(f"step {step} " + " ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())), flush=True)
+        logger.info("step %d %s", step, " ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())))

@@ -138,3 +138,15 @@ def test_memory_and_speed_switches_are_named_in_the_resolved_config(capsys, tmp_
     assert (defaults.optim.fused_loss, defaults.optim.fused_adam, defaults.model.apex_layer_norm) == (False, True, True)
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         demo("model.activation_checkpointing=everything")
+
+
+def test_recipe_selects_the_config_class_and_unknown_recipes_are_named() -> None:
+    from biomedgpt.config_utils import ConfigError
+    from biomedgpt.train.config import TrainConfig, load_run_config
+    from biomedgpt.train.recipes import recipe_class
+
+    config = load_run_config("demo", ["optim.lr=1e-3"])
+    assert type(config) is TrainConfig and config.recipe == "biomedgpt" and config.optim.lr == 1e-3
+    assert recipe_class(config.recipe).name == "biomedgpt"
+    with pytest.raises(ConfigError, match=r"unknown recipe 'biomedgt' \(from command line\); did you mean 'biomedgpt'"):
+        load_run_config("demo", ["recipe=biomedgt"])

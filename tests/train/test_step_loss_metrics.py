@@ -13,7 +13,7 @@ from biomedgpt.data.pipeline import PretrainCollator
 from biomedgpt.model import BiomedGPTForConditionalGeneration
 from biomedgpt.train.loss import label_smoothed_cross_entropy
 from biomedgpt.train.metrics import step_loss_metrics
-from biomedgpt.train.trainer import MODEL_INPUTS
+from biomedgpt.train.recipes.biomedgpt import MODEL_INPUTS
 
 PAD, BOS, EOS = 1, 0, 2
 IMAGE = 32
