@@ -147,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from biomedgpt.config_utils import ConfigError, load_config
-    from biomedgpt.train.config import TrainConfig, preset_paths
+    from biomedgpt.config_utils import ConfigError
+    from biomedgpt.train.config import load_run_config
     from biomedgpt.train.preflight import InputError, check_inputs, demo_tokenizer_warning
 
     try:
-        config = load_config(TrainConfig, args.config, args.overrides, presets=preset_paths())
+        config = load_run_config(args.config, args.overrides)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"job_prep: config error: {error}", file=sys.stderr)
         return 2
