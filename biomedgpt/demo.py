@@ -37,6 +37,7 @@ from biomedgpt.model import (
     score_candidates,
 )
 from biomedgpt.output_dirs import OutputDirError, claim_output_dir
+from biomedgpt.tasks import FINETUNE_TASK_NAMES
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 IMAGE_SIZE = 256
@@ -108,7 +109,7 @@ def model_tour(out_dir: Path, console: Console) -> Path:
 
 
 PRETRAINING_KINDS = ("vision_language", "text", "image", "detection")
-FINETUNE_KINDS = ("vqa", "caption", "summarization", "nli", "classification")
+FINETUNE_KINDS = FINETUNE_TASK_NAMES  # each task has a TSV kind of its own name
 
 
 def prepare_demo_data(root: Path, rows: int = 64, seed: int = 0, image_size: int = 96) -> dict[str, Path]:

@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from biomedgpt.data.finetune_tasks import FINETUNE_TASKS
+from biomedgpt.tasks import FINETUNE_TASK_NAMES
 
 PROG = "biomedgpt-eval"
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json + tokenizer)")
-    parser.add_argument("--task", required=True, choices=FINETUNE_TASKS, help="fine-tuning task")
+    parser.add_argument("--task", required=True, choices=FINETUNE_TASK_NAMES, help="fine-tuning task")
     parser.add_argument("--data", required=True, help="converted dataset directory (index.json + Parquet shards)")
     parser.add_argument("--out", default=None, help="output directory (default: eval_<task>)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")

@@ -25,10 +25,10 @@ from biomedgpt.data.images import DEFAULT_MEAN, DEFAULT_STD, decode_image
 from biomedgpt.data.noising import replace_with_random
 from biomedgpt.data.transforms import finetune_transform
 from biomedgpt.model_dir_files import TASK_FILE
+from biomedgpt.tasks import finetune_task
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 from biomedgpt.trie import Trie
 
-FINETUNE_TASKS = ("vqa", "caption", "summarization", "nli", "classification")
 NLI_ANSWERS = {0: "maybe", 1: "yes", 2: "no"}  # MedNLI labels: 0 neutral, 1 entailment, 2 contradiction
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,8 +55,7 @@ class FinetuneTaskConfig:
     imagenet_normalization: bool = False  # classification (MedMNIST) uses ImageNet mean/std
 
     def __post_init__(self) -> None:
-        if self.task not in FINETUNE_TASKS:
-            raise ValueError(f"unknown fine-tuning task {self.task!r}; choose one of {list(FINETUNE_TASKS)}")
+        finetune_task(self.task)  # a ValueError naming the tasks when it is none
         if self.patch_image_size <= 0 or self.patch_image_size % 16:
             raise ValueError(f"patch_image_size={self.patch_image_size} must be a positive multiple of 16")
         if not 0.0 <= self.noise_ratio < 1.0:

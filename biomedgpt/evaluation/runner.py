@@ -30,7 +30,6 @@ import torch
 
 from biomedgpt.data.examples import Example, collate, images_on_device
 from biomedgpt.data.finetune_tasks import (
-    FINETUNE_TASKS,
     NLI_ANSWERS,
     TASK_FILE,
     FinetuneExampleBuilder,
@@ -42,14 +41,13 @@ from biomedgpt.data.finetune_tasks import (
 from biomedgpt.data.parquet_shards import read_index
 from biomedgpt.evaluation.metrics import accuracy, caption_metrics, summary_metrics, vqa_accuracy
 from biomedgpt.model.generation import DecodingConfig, generate, score_candidates
+from biomedgpt.tasks import FINETUNE_TASK_NAMES, FINETUNE_TASKS, finetune_task
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 __all__ = [
     "EvaluationError",
-    "TASK_METRICS",
     "TASK_FILE",
     "TaskEvaluator",
-    "TASK_DECODING",
     "decoding_config",
     "evaluate",
     "iter_rows",
@@ -60,25 +58,6 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_SIZE = 256
-
-# Metrics that can select the best checkpoint during fine-tuning, all higher-is-better; the first is the
-# original's --best-checkpoint-metric (vqa_score, cider, rougeL_f1, acc, score).
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "vqa": ("accuracy", "closed_accuracy", "open_accuracy"),
-    "caption": ("cider", "rouge_l"),
-    "summarization": ("rougeL", "rouge1", "rouge2"),
-    "nli": ("accuracy",),
-    "classification": ("accuracy",),
-}
-
-# The original decoding settings per generative task: BiomedGPT scripts/vqa/evaluate_vqa_rad_beam_scale.sh,
-# scripts/text_sum/evaluate_meqsum.sh, and for captions the validation ``--eval-args`` of
-# scripts/caption/train_peir_gross.sh.
-TASK_DECODING: dict[str, dict[str, Any]] = {
-    "vqa": {"beam_size": 1, "max_len_b": 200, "normalize_scores": False},
-    "caption": {"beam_size": 5, "max_len_b": 16, "no_repeat_ngram_size": 3},
-    "summarization": {"beam_size": 5, "max_len_b": 128, "len_penalty": 0.7, "no_repeat_ngram_size": 3},
-}
 
 
 class EvaluationError(ValueError):
@@ -135,7 +114,7 @@ def _data_answers(task: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def decoding_config(task: str, beam: int | None = None, max_len_b: int | None = None, **extra: Any) -> DecodingConfig:
     """The task's original decoding settings, with ``beam``/``max_len_b`` overrides."""
-    settings = dict(TASK_DECODING.get(task, {"beam_size": 5, "max_len_b": 16}))
+    settings = dict(FINETUNE_TASKS[task].decoding or {"beam_size": 5, "max_len_b": 16})
     if beam is not None:
         settings["beam_size"] = beam
     if max_len_b is not None:
@@ -175,16 +154,17 @@ def _predict_batch(
     batch = _to_device(collate(examples, tokenizer.pad_id), device)
     input_ids = batch["input_ids"]
     images = _model_inputs(batch)
-    if task in ("vqa", "caption", "summarization"):
+    spec = finetune_task(task)
+    if spec.generative:
         assert decoding is not None
         prefixes = None
-        if task == "vqa":
+        if spec.question_prefix:
             prefixes = [ex.extra["decoder_prefix"] for ex in examples]
             decoding = dataclasses.replace(decoding, constraint_trie=builder.trie)
         results = generate(model, input_ids, config=decoding, prefix_tokens=prefixes, **images)
         return [tokenizer.decode(hyps[0].generated_tokens).strip() if hyps else "" for hyps in results]
     answer_tokens = [tokenizer.encode(" " + answer) for answer in candidates]
-    if task == "nli":
+    if spec.question_prefix:
         scores = score_candidates(
             model,
             input_ids,
@@ -236,7 +216,7 @@ def _compute_metrics(
 
 def _record(task: str, example: Example, prediction: str, index: int) -> dict[str, Any]:
     record: dict[str, Any] = {"id": example.sample_id or str(index), "prediction": prediction}
-    if task in ("vqa", "caption", "summarization"):
+    if finetune_task(task).references == "references":
         record["references"] = example.extra["references"]
     else:
         record["reference"] = example.extra["answer"]
@@ -301,13 +281,14 @@ class TaskEvaluator:
         source: str = "data",
     ) -> None:
         task = task_config.task
+        spec = finetune_task(task)
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
         try:
-            self.decoding = decoding_config(task, beam, max_len_b) if task in TASK_DECODING else None
-            if task == "nli":
+            self.decoding = decoding_config(task, beam, max_len_b) if spec.generative else None
+            if spec.candidates == "fixed":
                 candidates = list(NLI_ANSWERS.values())
-            elif task in ("vqa", "classification"):
+            elif spec.candidates == "given":
                 candidates = list(dict.fromkeys(answers)) if answers else _data_answers(task, rows)
             else:
                 candidates = []
@@ -315,11 +296,13 @@ class TaskEvaluator:
             raise EvaluationError(f"{source}: rows lack the column {error} that task {task!r} needs") from error
         except ValueError as error:
             raise EvaluationError(str(error)) from error
-        if task in ("vqa", "classification") and not candidates:
+        if spec.candidates == "given" and not candidates:
             raise EvaluationError("no candidate answers: pass answers or evaluate data with answers")
         self.task, self.tokenizer, self.candidates = task, tokenizer, candidates
         self.batch_size, self.source = batch_size, source
-        self.builder = FinetuneExampleBuilder(tokenizer, task_config, candidates if task != "nli" else None)
+        self.builder = FinetuneExampleBuilder(
+            tokenizer, task_config, candidates if spec.candidates == "given" else None
+        )
 
     @property
     def params(self) -> dict[str, Any]:
@@ -413,7 +396,7 @@ def evaluate(
     from biomedgpt.model.modeling import BiomedGPTForConditionalGeneration
 
     if task not in FINETUNE_TASKS:
-        raise EvaluationError(f"unknown task {task!r}; choose one of {list(FINETUNE_TASKS)}")
+        raise EvaluationError(f"unknown task {task!r}; choose one of {list(FINETUNE_TASK_NAMES)}")
     if limit is not None and limit < 1:
         raise EvaluationError(f"limit must be >= 1, got {limit}")
     model_dir = Path(model_dir)

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from biomedgpt.tasks import TRAINING_TASKS
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # Package data (setup.cfg), so that a wheel install finds them as the checkout does.
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
-TASKS = ("pretrain", "vqa", "caption", "summarization", "nli", "classification")
+# What data.task may say: the registry's tasks (biomedgpt/tasks.py), as a Literal for the config loader.
+TrainingTask = Literal[TRAINING_TASKS]  # type: ignore[valid-type]
 # The sizes of biomedgpt.model.config.MODEL_SIZES, spelt out: importing that module loads transformers (seconds),
 # which loading a config, `--help` and the start checks must not wait for. A test keeps the two lists equal.
 ModelSize = Literal["tiny", "medium", "base", "large", "xlarge"]
@@ -47,7 +50,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    task: Literal["pretrain", "vqa", "caption", "summarization", "nli", "classification"] = "pretrain"
+    task: TrainingTask = "pretrain"
     # Converted (Parquet + index.json) directories. Pretraining: vision_language drives the epoch, the others mix in.
     vision_language: str | None = None
     text: str | None = None
@@ -242,15 +245,15 @@ class TrainConfig:
         if self.dist_timeout_minutes is not None and self.dist_timeout_minutes <= 0:
             raise ValueError(f"dist_timeout_minutes={self.dist_timeout_minutes} must be > 0 (or null for the default)")
         if self.validation.data is not None:
-            from biomedgpt.evaluation.runner import TASK_METRICS
+            from biomedgpt.tasks import PRETRAIN, finetune_task
 
-            if self.data.task == "pretrain":
+            if self.data.task == PRETRAIN:
                 raise ValueError("validation.data is for fine-tuning tasks; pretraining has no validation metric")
-            metric = self.validation.metric or TASK_METRICS[self.data.task][0]
-            if metric not in TASK_METRICS[self.data.task]:
+            task = finetune_task(self.data.task)
+            metric = self.validation.metric or task.default_metric
+            if metric not in task.metrics:
                 raise ValueError(
-                    f"validation.metric={metric!r} is not a {self.data.task} metric; choose one of "
-                    f"{list(TASK_METRICS[self.data.task])}"
+                    f"validation.metric={metric!r} is not a {task.name} metric; choose one of {list(task.metrics)}"
                 )
 
 

@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from biomedgpt.data.finetune_tasks import FinetuneTaskConfig, load_answer_list, write_task_file
-from biomedgpt.evaluation.runner import TASK_METRICS, TaskEvaluator, iter_rows, load_answer_types
+from biomedgpt.evaluation.runner import TaskEvaluator, iter_rows, load_answer_types
 from biomedgpt.runtime.collectives import distributed
+from biomedgpt.tasks import finetune_task
 from biomedgpt.train.config import TrainConfig
 
 BEST_DIR = "best"
@@ -75,7 +76,7 @@ class Validator:
             max_len_b=section.max_len_b,
             source=section.data,
         )
-        self.metric = section.metric or TASK_METRICS[config.data.task][0]
+        self.metric = section.metric or finetune_task(config.data.task).default_metric
         self.best_dir = Path(config.checkpoint.dir) / BEST_DIR
         self.best_value: float | None = None
         self.best_step: int | None = None

@@ -106,14 +106,15 @@ def eval_cli(model_dir: Path, task: str, data: Path, out: Path, *extra: str) -> 
 @pytest.mark.parametrize("task", ["vqa", "caption", "summarization", "nli", "classification"])
 def test_finetune_validate_keep_best_then_evaluate(task, data_root, pretrained, tmp_path):
     from biomedgpt.checkpoint.consolidate import consolidate_checkpoint
-    from biomedgpt.evaluation.runner import TASK_METRICS, iter_rows
+    from biomedgpt.evaluation.runner import iter_rows
+    from biomedgpt.tasks import finetune_task
 
     run_dir = tmp_path / task
     # Classification starts from a model directory (model.init_from), the others from scratch.
     start_from = pretrained if task == "classification" else None
     proc = run_training(run_dir, f"finetune_{task}", task_overrides(task, data_root, run_dir, start_from), nproc=2)
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
-    metric = TASK_METRICS[task][0]
+    metric = finetune_task(task).default_metric
     validations = {r["step"]: r[f"val/{metric}"] for r in metric_records(run_dir) if f"val/{metric}" in r}
     assert sorted(validations) == [EVERY, STEPS]
     assert f"validation at step {EVERY}: {metric}=" in proc.stdout

@@ -22,6 +22,7 @@ from biomedgpt.data.examples import images_on_device
 from biomedgpt.data.finetune_tasks import load_answer_list, write_task_file
 from biomedgpt.data.pretrain_tasks import AUXILIARY_TASKS, IMAGE_TEXT_TASKS
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt.tasks import FINETUNE_TASK_NAMES, PRETRAIN
 from biomedgpt.tokenizer import BiomedGPTTokenizer
 from biomedgpt.train.config import TrainConfig
 from biomedgpt.train.engine import check_attention_backend, zero_stage
@@ -31,7 +32,6 @@ from biomedgpt.train.loss import kept_token_count, label_smoothed_cross_entropy
 from biomedgpt.train.recipes.base import DataPlan, Recipe, StepLoss
 from biomedgpt.train.validation import Validator, finetune_task_config
 
-FINETUNE_TASK_NAMES = ("vqa", "caption", "summarization", "nli", "classification")
 MODEL_INPUTS = ("input_ids", "patch_images", "patch_masks", "decoder_input_ids", "code_masks", "patch_indices")
 
 
@@ -105,7 +105,7 @@ def build_data(config: TrainConfig, tokenizer: Any) -> DataPlan:
         shuffle_seed=data.seed,
         num_canonical_nodes=data.num_canonical_nodes,
     )
-    if data.task == "pretrain":
+    if data.task == PRETRAIN:
         if not data.negative_samples:
             raise ValueError("pretraining needs data.negative_samples (type2ans.json, object.txt, all_captions.txt)")
         builder = PretrainExampleBuilder(
@@ -147,7 +147,7 @@ class BiomedGPTRecipe(Recipe):
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
-        self.pretraining = config.data.task == "pretrain"
+        self.pretraining = config.data.task == PRETRAIN
 
     def build_tokenizer(self) -> BiomedGPTTokenizer:
         return load_tokenizer(self.config)
