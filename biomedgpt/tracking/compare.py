@@ -821,7 +821,7 @@ def render(comparison: Comparison, console: Console) -> None:
     table = Table(title="Runs", title_justify="left")
     for column in ("run", "run id", "experiment", "status", "started", "duration"):
         table.add_column(column, overflow="fold")
-    extra_tags = [t for t in ("size", "task") if _has_tag(runs, t)]
+    extra_tags = [t for t in ("recipe", "size", "task") if _has_tag(runs, t)]
     for tag in extra_tags:
         table.add_column(tag)
     for run in runs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -9,13 +11,15 @@ import torch.distributed as dist
 from biomedgpt.config_utils import config_to_dict
 from biomedgpt.runtime.collectives import distributed
 from biomedgpt.tracking import MLflowTracker, collect_run_params
-from biomedgpt.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def start_tracking(
-    config: TrainConfig, ds_config: dict[str, Any], context: Any, run_id: str | None
+    config: Any, ds_config: dict[str, Any], context: Any, run_id: str | None, tags: Mapping[str, str] = {}
 ) -> tuple[MLflowTracker, str | None]:
-    """Start (or, with ``run_id`` from a checkpoint, reopen) the run on rank 0; every rank gets its id."""
+    """Start (or, with ``run_id`` from a checkpoint, reopen) the run on rank 0; every rank gets its id. ``tags``
+    (the recipe's) go beside ``recipe`` and ``run_name``."""
     section = config.tracking
     resolved = config_to_dict(config)
     tracker = MLflowTracker(
@@ -23,7 +27,7 @@ def start_tracking(
         experiment_name=section.experiment,
         run_name=section.run_name,
         run_id=run_id,
-        tags={"size": config.model.size, "task": config.data.task, "run_name": section.run_name or ""},
+        tags={"recipe": config.recipe, **tags, "run_name": section.run_name or ""},
         enabled=context.is_main and section.enabled,
         system_metrics=section.system_metrics,
     )
@@ -32,7 +36,7 @@ def start_tracking(
         started = tracker.start(params, artifacts={"resolved_config.yaml": resolved, "deepspeed.json": ds_config})
         run_id = started or run_id  # a tracker that cannot reach its store must not erase the saved id
         if started:
-            print(f"MLflow run {run_id} in {tracker.tracking_uri} (experiment {section.experiment!r})", flush=True)
+            logger.info("MLflow run %s in %s (experiment %r)", run_id, tracker.tracking_uri, section.experiment)
     if distributed():
         shared = [run_id]
         dist.broadcast_object_list(shared, src=0)

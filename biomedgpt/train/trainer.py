@@ -207,7 +207,9 @@ class Trainer:
         config, state = self.config, self.state
         from biomedgpt.train.tracking import start_tracking
 
-        tracker, state.run_id = start_tracking(config, self.ds_config, self.context, state.run_id)
+        tracker, state.run_id = start_tracking(
+            config, self.ds_config, self.context, state.run_id, self.recipe.tracking_tags()
+        )
         stop = StopController(config.checkpoint.wall_clock_minutes, launcher=self.launcher).install()
         if state.rng_state is not None:
             set_rng_state(state.rng_state)  # last: everything above may draw random numbers (the loader's seed does)

@@ -97,6 +97,10 @@ class Recipe(ABC):
     def write_run_files(self, checkpoint_dir: Path, model: torch.nn.Module) -> None:
         """Rank 0, once at start: what consolidation needs besides the weights (model config, tokenizer, ...)."""
 
+    def tracking_tags(self) -> dict[str, str]:
+        """Tags of the run's MLflow run that say what was trained (e.g. the model size)."""
+        return {}
+
     def build_validator(self, rank: int, world_size: int, device: torch.device) -> Any | None:
         """A periodic validation (``due``, ``missed``, ``run``, ``state_dict``, ...) or None."""
         return None

@@ -219,6 +219,9 @@ class BiomedGPTRecipe(Recipe):
             answers = load_answer_list(data.answers) if data.answers else None
             write_task_file(checkpoint_dir, finetune_task_config(self.config), answers)
 
+    def tracking_tags(self) -> dict[str, str]:
+        return {"size": self.config.model.size, "task": self.config.data.task}
+
     def build_validator(self, rank: int, world_size: int, device: torch.device) -> Validator | None:
         if not self.config.validation.data:
             return None
