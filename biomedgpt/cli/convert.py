@@ -6,6 +6,7 @@ Examples::
     biomedgpt-convert vqa_rad/train.tsv --kind vqa --out data/vqa_rad_train/
     biomedgpt-convert roco_train.tsv --kind caption --selected-cols 0,-,2,-,1 --num-cols 3 --out data/roco/
     biomedgpt-convert mednli_train.tsv --kind nli --out data/mednli/ --strict
+    biomedgpt-convert pmc_papers/ --kind documents --tokenizer models/llama-2-7b --seq-len 2048 --out data/pmc/
 
 Field layouts are those of the files the BiomedGPT/OFA producer scripts write, so such files need no
 ``--selected-cols``. For other files, ``--selected-cols`` gives, for each field in this order, the 0-based TSV
@@ -19,6 +20,13 @@ no row, or rejects more than ``--max-reject-ratio`` of them, fails (exit status 
 its rejects and summary stay for inspection. Re-running the same command skips finished shards.
 Exit status: 0 success (rejects within the limit), 1 strict-mode failure, no row kept or too many rejected,
 2 usage error.
+
+Kind ``documents`` (causal-LM training) reads raw documents instead of a TSV: JSONL (``--text-field``, default
+``text``), plain text files (one document each) or Parquet, as files or a folder of them. Each is tokenized with
+``--tokenizer`` (a Hugging Face tokenizer directory) and the token rows are packed to exactly ``--seq-len`` tokens
+with an EOS between documents (``--keep-document-ids`` adds each token's document number), or, with ``--truncate``,
+one row per document cut to ``--seq-len``. Empty, non-UTF-8 and unreadable documents are counted and written to
+OUT/rejects.jsonl as for TSVs (biomedgpt/data/documents.py).
 """
 
 from __future__ import annotations
@@ -36,9 +44,13 @@ from biomedgpt.data.convert import (
     TooManyRejectsError,
     convert,
 )
+from biomedgpt.data.documents import DEFAULT_ROWS_PER_SHARD, DEFAULT_SEQ_LEN, DocumentConversionError, convert_documents
 from biomedgpt.data.image_preparation import ENCODINGS, PRETRAIN_MAX_SHORTER_SIDE, ImagePreparation
 from biomedgpt.data.parquet_shards import DEFAULT_ROW_GROUP_BYTES
 from biomedgpt.data.schema import DEFAULT_MAX_FIELD_CHARS, DEFAULT_MAX_IMAGE_BYTES, KINDS
+from biomedgpt.output_dirs import OutputDirError
+
+DOCUMENTS_KIND = "documents"
 
 
 def _layouts() -> str:
@@ -55,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=(__doc__ or "").format(layouts=_layouts()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", metavar="INPUT.tsv", help="TSV file to convert")
+    parser.add_argument("input", metavar="INPUT", help="TSV file to convert (kind documents: files or a folder)")
     parser.add_argument(
-        "--kind", required=True, choices=list(KINDS), metavar="KIND", help=f"column layout: {', '.join(KINDS)}"
+        "--kind",
+        required=True,
+        choices=[*KINDS, DOCUMENTS_KIND],
+        metavar="KIND",
+        help=f"column layout: {', '.join(KINDS)}; or {DOCUMENTS_KIND} (raw documents to token rows)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (shards, index.json, ...)")
     parser.add_argument(
@@ -112,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help=f"fail (exit 1) when more than this share of rows is rejected (default {DEFAULT_MAX_REJECT_RATIO:g}; "
         "1 = no limit, but keeping no row always fails)",
+    )
+    documents = parser.add_argument_group("kind documents (raw documents -> token rows for causal-LM training)")
+    documents.add_argument("--tokenizer", metavar="DIR", help="the model's Hugging Face tokenizer directory (required)")
+    documents.add_argument(
+        "--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N", help=f"tokens per row (default {DEFAULT_SEQ_LEN})"
+    )
+    documents.add_argument("--truncate", action="store_true", help="one row per document, cut to --seq-len")
+    documents.add_argument(
+        "--keep-document-ids", action="store_true", help="packed rows also hold each token's document number"
+    )
+    documents.add_argument("--text-field", default="text", metavar="NAME", help="JSONL field / Parquet column")
+    documents.add_argument(
+        "--rows-per-shard-documents",
+        type=int,
+        default=DEFAULT_ROWS_PER_SHARD,
+        metavar="N",
+        help=f"token rows per shard (default {DEFAULT_ROWS_PER_SHARD})",
     )
     prepare = parser.add_argument_group(
         "image preparation (off unless one of these is given; docs/benchmarks.md: data pipeline)",
@@ -178,9 +211,52 @@ def _print_summary(summary: ConversionSummary) -> None:
         print(f"  FAILED: no {summary.out}/index.json written (see the error below)")
 
 
+def _convert_documents(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if not args.tokenizer:
+        parser.exit(
+            2, "biomedgpt-convert: error: --kind documents needs --tokenizer (the model's tokenizer directory)\n"
+        )
+    try:
+        summary = convert_documents(
+            [args.input],
+            args.out,
+            args.tokenizer,
+            seq_len=args.seq_len,
+            mode="truncate" if args.truncate else "pack",
+            keep_document_ids=args.keep_document_ids,
+            text_field=args.text_field,
+            rows_per_shard=args.rows_per_shard_documents,
+            row_group_rows=args.row_group_rows,
+            max_reject_ratio=args.max_reject_ratio,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except DocumentConversionError as exc:
+        if exc.summary is None:
+            parser.exit(2, f"biomedgpt-convert: error: {exc}\n")
+        print(f"biomedgpt-convert: error: {exc}", file=sys.stderr)
+        return 1
+    except OutputDirError as exc:
+        parser.exit(2, f"biomedgpt-convert: error: {exc}\n")
+    rejected = sum(summary.rejected.values())
+    print(
+        f"{args.input} -> {args.out} (documents, {summary.mode}, {summary.seq_len} tokens): "
+        f"{summary.documents_read} documents read, {summary.documents_kept} kept, {rejected} rejected; "
+        f"{summary.tokens_written} tokens in {summary.rows} rows, {summary.shards} shards"
+        + (f"; {summary.tokens_truncated} tokens cut by --truncate" if summary.tokens_truncated else "")
+    )
+    for reason, count in summary.rejected.items():
+        print(f"  {reason:<20}  {count}")
+    if rejected:
+        print(f"  details: {args.out}/rejects.jsonl")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.kind == DOCUMENTS_KIND:
+        return _convert_documents(parser, args)
     try:
         preparation = ImagePreparation(
             args.max_image_side, args.max_shorter_side, args.image_encoding, args.jpeg_quality
