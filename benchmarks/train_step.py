@@ -228,7 +228,7 @@ def tokens_per_step(args: argparse.Namespace) -> int:
 
 
 def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_kind: str) -> torch.Tensor:
-    """The per-token loss of the batch, as the trainer computes it (biomedgpt/train/trainer.py, _forward_loss)."""
+    """The per-token loss of the batch, as the trainer computes it (biomedgpt/train/recipes/biomedgpt.py)."""
     import functools
 
     from biomedgpt.train.fused_loss import fused_loss_parts, loss_output_from_parts
@@ -309,7 +309,7 @@ def build_engine(args: argparse.Namespace, variant: Variant, device: torch.devic
     config = ds_config(args, variant.zero, device)
     model_cfg = model_config(args, variant.size, variant.attention)
     torch.manual_seed(SEED)
-    if variant.zero == 3:  # no rank ever holds the whole model, as biomedgpt/train/engine.py builds it
+    if variant.zero == 3:  # no rank ever holds the whole model, as biomedgpt/train/recipes/biomedgpt.py builds it
         with deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(config)):
             model = BiomedGPTForConditionalGeneration(model_cfg)
     else:

@@ -166,18 +166,6 @@ def _choices(tp: Any) -> list[Any] | None:
     return None
 
 
-def _wants_text(tp: Any) -> bool:
-    """Whether a command-line value for this type means the text as typed rather than its YAML reading."""
-    tp = _strip_annotated(tp)
-    if _is_union(tp):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
-        return bool(members) and all(_wants_text(m) for m in members)
-    if tp is str or (isinstance(tp, type) and issubclass(tp, (Path, enum.Enum))):
-        return True
-    choices = _choices(tp)
-    return choices is not None and all(isinstance(c, str) for c in choices)
-
-
 def unwrap(value: Any) -> Any:
     """Drop the command-line text wrappers, keeping YAML's reading."""
     if isinstance(value, CliScalar):
@@ -258,6 +246,8 @@ class _Preparation:
         self.root = root
         self.origin = origin
         self.unknown: list[tuple[tuple[int, ...], str]] = []  # (sort key, message)
+        # Their __post_init__ checks ran on defaults in place of the misspelt keys: not worth reporting.
+        self.sections_with_unknown_keys: set[str] = set()
 
     def value(self, tp: Any, raw: Any, path: str, order: tuple[int, ...]) -> Any:
         tp = _strip_annotated(tp)
@@ -267,7 +257,7 @@ class _Preparation:
             inner = _optional_inner(tp)
             if inner is not None:
                 return self.value(inner, raw, path, order)
-            return raw.text if isinstance(raw, CliScalar) and _wants_text(tp) else unwrap(raw)
+            return self.first_member(tp, raw, path, order)
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.section(tp, raw, path, order) if isinstance(raw, Mapping) else unwrap(raw)
         choices = _choices(tp)
@@ -313,7 +303,24 @@ class _Preparation:
                     isinstance(option, enum.Enum) and candidate == option.name
                 ):
                     return option
-        return unwrap(raw)
+        return _REJECTED  # pydantic's lax Literal/Enum matching would take True for 1 or 1.0 for 1
+
+    def first_member(self, tp: Any, raw: Any, path: str, order: tuple[int, ...]) -> Any:
+        """A union: the first member (in declaration order) that takes the value, prepared and validated for it
+        alone (so ``str | int`` keeps the command line's ``5`` as text, and a mapping goes to the first dataclass
+        member whose keys it has); no member: rejected, reported as the union."""
+        for member in typing.get_args(tp):
+            if member is type(None):
+                continue
+            scratch = _Preparation(self.root, self.origin)
+            prepared = scratch.value(member, raw, path, order)
+            if scratch.unknown or prepared is _REJECTED:
+                continue
+            try:
+                return _adapter(member).validate_python(prepared)
+            except pydantic.ValidationError:
+                continue
+        return _REJECTED
 
     def section(self, cls: type, raw: Mapping[str, Any], path: str, order: tuple[int, ...]) -> dict[str, Any]:
         types_ = field_types(cls)
@@ -331,6 +338,7 @@ class _Preparation:
             )
             message = f"unknown key '{item_path}' (from {self.origin(item_path)}){hint}"
             self.unknown.append(((*order, position), message))
+            self.sections_with_unknown_keys.add(path)
         return out
 
 
@@ -384,7 +392,10 @@ def _locate(root: type, raw: Any, loc: tuple[int | str, ...]) -> _Place:
 
 def _child(raw: Any, step: int | str) -> Any:
     if isinstance(raw, Mapping):
-        return raw.get(step)
+        if step in raw:
+            return raw[step]
+        # A YAML key such as 1 was given to a dict[str, X] as "1".
+        return next((value for key, value in raw.items() if str(key) == str(step)), None)
     if isinstance(raw, (list, tuple)) and isinstance(step, int) and step < len(raw):
         return raw[step]
     return None
@@ -441,10 +452,14 @@ def build_dataclass(cls: type, tree: Mapping[str, Any], origin: typing.Callable[
         seen: set[str] = set()
         for error in exc.errors(include_url=False):
             loc = tuple(error["loc"])
+            key_error = bool(loc) and loc[-1] == "[key]"  # a mapping's key, not its value, is wrong
+            if key_error:
+                loc = loc[:-1]
             place = _locate(cls, tree, loc)
-            # A union's members each report the same value; fixed tuples report a missing or extra item.
-            fixed = _fixed_tuple_args(place.parent_tp) if error["type"] == "missing" else None
-            if fixed is not None:
+            # A fixed tuple reports a missing item at the item; the tuple is what was given wrong.
+            fixed = _fixed_tuple_args(_optional_inner(place.parent_tp) or place.parent_tp)
+            missing_item = error["type"] == "missing" and fixed is not None and isinstance(loc[-1], int)
+            if missing_item:
                 place = _locate(cls, tree, loc[:-1])
             if place.path in seen:
                 continue
@@ -452,22 +467,32 @@ def build_dataclass(cls: type, tree: Mapping[str, Any], origin: typing.Callable[
             raw: Any = tree
             for step in loc[: place.depth]:
                 raw = _child(raw, step)
-            if error["type"] == "missing" and fixed is None:
+            within_union = place.depth < len(loc) and not missing_item  # cut at a union: the union is reported
+            if key_error:
+                key_type = typing.get_args(_strip_annotated(_optional_inner(place.parent_tp) or place.parent_tp))
+                message = (
+                    f"invalid key in '{place.path}': expected {type_name(key_type[0]) if key_type else 'str'}, "
+                    f"got {loc[-1]!r} (from {origin(place.path)})"
+                )
+            elif error["type"] == "missing" and not missing_item and not within_union:
                 message = (
                     f"missing required key '{place.path}' (no default): "
                     f"set it in the config file or with {place.path}=..."
                 )
-            elif error["type"] in ("value_error", "assertion_error") and dataclass_in(place.tp) is not None:
+            elif (
+                error["type"] in ("value_error", "assertion_error")
+                and dataclass_in(place.tp) is not None
+                and not within_union
+            ):
+                if place.path in preparation.sections_with_unknown_keys:
+                    continue
                 # __post_init__ checks know their fields but not where their dataclass sits in the tree.
                 cause = cause or error["ctx"]["error"]
                 message = f"{place.path or cls.__name__}: {error['ctx']['error']}"
             else:
-                length = _fixed_tuple_args(place.tp)
-                hint = (
-                    f"; needs exactly {len(length)} items"
-                    if length and error["type"] in ("missing", "too_long")
-                    else ""
-                )
+                length = _fixed_tuple_args(_optional_inner(place.tp) or place.tp)
+                wrong_length = length and (missing_item or error["type"] == "too_long")
+                hint = f"; needs exactly {len(length)} items" if wrong_length else ""
                 message = (
                     f"invalid value for '{place.path or '<root>'}': expected {_expected(place.tp)}, got {_show(raw)}"
                     f" (from {origin(place.path)}){hint or _hint(place.tp)}"

@@ -530,3 +530,44 @@ def test_describe_config_lists_every_key() -> None:
     assert "precision: Precision = 'bf16'" in lines
     assert "data.tasks: list[str] = ['caption']" in lines
     assert "name: str  (required)" in describe_config(Required).splitlines()
+
+
+@dataclass
+class Left:
+    x: int = 1
+
+
+@dataclass
+class Right:
+    y: str = "b"
+
+
+@dataclass
+class Unions:
+    side: Left | Right = field(default_factory=Left)
+    number: int | float = 1
+    text_first: str | int = "x"
+    pair: tuple[float, float] | None = None
+    by_id: dict[int, int] = field(default_factory=dict)
+    level: Literal[1, 2] = 1
+
+
+def test_unions_take_the_first_member_that_accepts_the_value_whole() -> None:
+    # A mapping goes to the first dataclass member that has all its keys; one that none has is refused, not trimmed.
+    assert load_config(Unions, None, ["side.y=no"]).side == Right("no")
+    assert load_config(Unions, {"side": {"x": 3}}).side == Left(3)
+    with pytest.raises(ConfigError, match=r"^invalid value for 'side': expected Left \| Right, got \{'x': 1, 'z': 2\}"):
+        load_config(Unions, {"side": {"x": 1, "z": 2}})
+    assert load_config(Unions, None, ["text_first=5"]).text_first == "5"  # str comes first: the text is kept
+    with pytest.raises(ConfigError, match=r"'number': expected int \| float, got True"):  # bool is not a number
+        load_config(Unions, {"number": True})
+    with pytest.raises(ConfigError, match=r"'level': expected one of 1, 2, got True"):
+        load_config(Unions, {"level": True})
+
+
+def test_optional_fixed_tuples_and_mapping_keys_are_named_as_given() -> None:
+    with pytest.raises(ConfigError, match=r"^invalid value for 'pair': expected tuple\[float, float\] \| None, got "
+                       r"\[1\] \(from <dict>\); needs exactly 2 items$"):  # fmt: skip
+        load_config(Unions, {"pair": [1]})
+    with pytest.raises(ConfigError, match=r"^invalid key in 'by_id.a': expected int, got 'a'"):
+        load_config(Unions, {"by_id": {"a": 5}})

@@ -10,6 +10,7 @@ from typing import Any
 
 # name -> submodule that defines it
 _LAZY: dict[str, str] = {
+    "ConfigBuilder": "consolidate",
     "ConsolidationError": "errors",
     "ZeroCheckpoint": "consolidate",
     "consolidate_checkpoint": "consolidate",

@@ -5,8 +5,12 @@ Layout of ``CKPT_DIR``::
 
     config.json               the model config (written once at start; what consolidation builds the model from)
     tokenizer/                the tokenizer the run trains with
+    finetune_task.json        fine-tuning runs: the task's input settings and answers (biomedgpt/model_dir_files.py)
+    metrics.jsonl             rank 0's record of every logged step and validation
+    best/                     fine-tuning with validation: the best model directory so far
     step_00000050/            DeepSpeed's files for this tag (ZeRO shards, model states)
         rng_rank00000.pt      this rank's RNG states (dropout must replay exactly after a restart)
+        ema_rank00000.pt      this rank's partition of the EMA weights (with ema.enabled)
         COMPLETE              written by rank 0 after every rank finished; holds step, time and file sizes
     latest                    name of the newest complete tag (written last, atomically)
 """

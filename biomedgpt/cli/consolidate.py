@@ -98,7 +98,6 @@ def training_config_builder(source: str, overrides: Sequence[str]) -> Any:
     from biomedgpt.checkpoint.consolidate import ConfigBuilder, read_model_config
     from biomedgpt.config_utils import ConfigError
     from biomedgpt.train.config import load_run_config
-    from biomedgpt.train.recipes.biomedgpt import load_tokenizer, model_config_for
 
     try:
         train_config = load_run_config(source, list(overrides))
@@ -106,6 +105,8 @@ def training_config_builder(source: str, overrides: Sequence[str]) -> Any:
         raise ConsolidationError(f"--config-from {source}: {error}") from error
 
     def build(tokenizer: Any) -> Any:
+        from biomedgpt.train.recipes.biomedgpt import model_config_for  # imports the model family: only when used
+
         if train_config.model.init_from:  # the run started from a model directory and kept its config
             return read_model_config(Path(train_config.model.init_from) / "config.json")
         return model_config_for(train_config, len(tokenizer))
@@ -113,9 +114,15 @@ def training_config_builder(source: str, overrides: Sequence[str]) -> Any:
     return ConfigBuilder(
         origin=f"training config {source}",
         build=build,
-        tokenizer=lambda: load_tokenizer(train_config),
+        tokenizer=lambda: _recipe_tokenizer(train_config),
         tokenizer_origin=train_config.data.tokenizer or "the packaged default tokenizer (training config)",
     )
+
+
+def _recipe_tokenizer(train_config: Any) -> Any:
+    from biomedgpt.train.recipes.biomedgpt import load_tokenizer
+
+    return load_tokenizer(train_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

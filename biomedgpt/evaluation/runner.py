@@ -113,8 +113,9 @@ def _data_answers(task: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def decoding_config(task: str, beam: int | None = None, max_len_b: int | None = None, **extra: Any) -> DecodingConfig:
-    """The task's original decoding settings, with ``beam``/``max_len_b`` overrides."""
-    settings = dict(FINETUNE_TASKS[task].decoding or {"beam_size": 5, "max_len_b": 16})
+    """The task's original decoding settings (fairseq's defaults for a task that scores candidates), with
+    ``beam``/``max_len_b`` overrides. An unknown task is a ValueError naming the tasks."""
+    settings = dict(finetune_task(task).decoding or {"beam_size": 5, "max_len_b": 16})
     if beam is not None:
         settings["beam_size"] = beam
     if max_len_b is not None:

@@ -670,6 +670,11 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
             raise ValueError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams={num_beams}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (eos is a new token), got {max_new_tokens}")
+        if min_new_tokens >= max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens={min_new_tokens} must be below max_new_tokens={max_new_tokens}: the search always "
+                "ends with eos, which counts as a new token"
+            )
         decoding = DecodingConfig(
             beam_size=num_beams,
             max_len_a=0.0,
@@ -681,6 +686,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel):
         )
         hypotheses = generate(self, input_ids, patch_images, patch_masks, attention_mask, config=decoding)
         start = self.config.decoder_start_token_id
+        start = self.config.bos_token_id if start is None else start  # as the search itself starts
         rows = [[start, *h.tokens.tolist()] for sample in hypotheses for h in sample[:num_return_sequences]]
         out = torch.full((len(rows), max(map(len, rows))), self.config.pad_token_id, dtype=torch.long)
         for i, row in enumerate(rows):

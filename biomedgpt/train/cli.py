@@ -169,14 +169,21 @@ def warn_demo_tokenizer(source: str, config: TrainConfig) -> None:
         print(f"biomedgpt-train: {warning}", file=sys.stderr, flush=True)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a line is logged (a test may have replaced it since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def log_progress_to_stdout() -> None:
     """The project's INFO log lines (steps, validation, resuming, stopping) as plain lines on stdout, where SLURM
     output files and the launchers' logs collect them; other libraries' loggers are left as they are."""
     project = logging.getLogger("biomedgpt")
-    if not any(getattr(handler, "biomedgpt_progress", False) for handler in project.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(handler, _StdoutHandler) for handler in project.handlers):
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.biomedgpt_progress = True  # type: ignore[attr-defined]
         project.addHandler(handler)
     project.setLevel(logging.INFO)
     project.propagate = False

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def start_tracking(
-    config: Any, ds_config: dict[str, Any], context: Any, run_id: str | None, tags: Mapping[str, str] = {}
+    config: Any, ds_config: dict[str, Any], context: Any, run_id: str | None, tags: Mapping[str, str] | None = None
 ) -> tuple[MLflowTracker, str | None]:
     """Start (or, with ``run_id`` from a checkpoint, reopen) the run on rank 0; every rank gets its id. ``tags``
     (the recipe's) go beside ``recipe`` and ``run_name``."""
@@ -27,7 +27,7 @@ def start_tracking(
         experiment_name=section.experiment,
         run_name=section.run_name,
         run_id=run_id,
-        tags={"recipe": config.recipe, **tags, "run_name": section.run_name or ""},
+        tags={"recipe": config.recipe, **(tags or {}), "run_name": section.run_name or ""},
         enabled=context.is_main and section.enabled,
         system_metrics=section.system_metrics,
     )

@@ -502,3 +502,5 @@ def test_model_generate_takes_transformers_arguments(trained_model, images):
         trained_model.generate(source, do_sample=True)
     with pytest.raises(ValueError, match="num_return_sequences=4 must be between 1 and num_beams=3"):
         trained_model.generate(source, num_beams=3, num_return_sequences=4)
+    with pytest.raises(ValueError, match="min_new_tokens=1 must be below max_new_tokens=1"):
+        trained_model.generate(source, max_new_tokens=1)
