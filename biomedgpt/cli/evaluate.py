@@ -6,6 +6,10 @@ Examples::
         --answers corpus/vqa_ans2label.json --answer-types corpus/vqa_answer_types.json
     biomedgpt-eval --model models/cap --task caption --data converted/caption_test --beam 5 --max-len-b 16
     biomedgpt-eval --model models/nli --task nli --data converted/nli_test --tracking-uri sqlite:///mlruns.db
+    biomedgpt-eval --model models/biomedgpt-lm-7b --task pubmedqa --data pubmedqa_test.jsonl
+
+Tasks pubmedqa and medmcqa evaluate a Hugging Face causal LM directory (AutoModelForCausalLM) on a JSONL file by
+candidate log-likelihood: see :mod:`biomedgpt.evaluation.multiple_choice` for the layouts.
 
 Decoding follows the original evaluation scripts (BiomedGPT scripts/*/evaluate_*.sh); see
 :mod:`biomedgpt.evaluation.runner`. Writes ``OUT/predictions.jsonl`` and ``OUT/metrics.json``. Exit status:
@@ -21,6 +25,8 @@ from collections.abc import Sequence
 from biomedgpt.tasks import FINETUNE_TASK_NAMES
 
 PROG = "biomedgpt-eval"
+# The layouts of biomedgpt.evaluation.multiple_choice (spelt out: that module imports torch, --help must not wait).
+MULTIPLE_CHOICE_TASKS = ("pubmedqa", "medmcqa")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json + tokenizer)")
-    parser.add_argument("--task", required=True, choices=FINETUNE_TASK_NAMES, help="fine-tuning task")
-    parser.add_argument("--data", required=True, help="converted dataset directory (index.json + Parquet shards)")
+    parser.add_argument(
+        "--task",
+        required=True,
+        choices=[*FINETUNE_TASK_NAMES, *MULTIPLE_CHOICE_TASKS],
+        help="a BiomedGPT fine-tuning task, or pubmedqa / medmcqa for a causal LM",
+    )
+    parser.add_argument(
+        "--data", required=True, help="converted dataset directory (index.json + Parquet shards); JSONL for MC tasks"
+    )
     parser.add_argument("--out", default=None, help="output directory (default: eval_<task>)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
     parser.add_argument("--beam", type=int, default=None, help="beam size (default: the task's, VQA 1, else 5)")
@@ -83,6 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or f"eval_{args.task}"
+    if args.task in MULTIPLE_CHOICE_TASKS:
+        from biomedgpt.evaluation.multiple_choice import MultipleChoiceError, evaluate_multiple_choice
+
+        try:
+            metrics = evaluate_multiple_choice(
+                args.model, args.task, args.data, out, batch_size=args.batch_size, limit=args.limit, device=device,
+                progress=not args.no_progress,
+            )  # fmt: skip
+        except (MultipleChoiceError, OSError) as error:
+            err.print(f"[red]{PROG}: {error}[/red]", soft_wrap=True)
+            return 2
+        console.print(
+            f"{args.task}: accuracy {metrics['accuracy']:.4f} on {metrics['count']} questions (chance "
+            f"{metrics['chance']:.2f}); rejected {metrics['rejected'] or 'none'}; {out}/predictions.jsonl",
+            soft_wrap=True,
+        )
+        return 0
     try:
         answers = load_answer_list(args.answers) if args.answers else None
         answer_types = load_answer_types(args.answer_types) if args.answer_types else None
