@@ -100,6 +100,9 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.01
     warmup_ratio: float = 0.01
+    # After warmup: linear decay (the original's polynomial_decay) or cosine, down to min_lr_ratio x lr at max_steps.
+    schedule: Literal["linear", "cosine"] = "linear"
+    min_lr_ratio: float = 0.0
     clip_norm: float = 5.0
     label_smoothing: float = 0.0
     max_steps: int = 100
@@ -119,6 +122,8 @@ class OptimSection:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         if self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -129,14 +129,19 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """fairseq's polynomial_decay with power 1: linear warmup (the first update already at 1/warmup), then
-    linear decay to 0 at ``total_steps``. ``step`` counts completed updates."""
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, schedule: str = "linear", min_lr_ratio: float = 0.0
+) -> float:
+    """The learning-rate multiplier after ``step`` completed updates: linear warmup (the first update already at
+    1/warmup), then ``linear`` decay (fairseq's polynomial_decay with power 1, BiomedGPT's schedule) or ``cosine``
+    decay (half a cosine, as BioMedGPT-LM and LLaMA train) from 1 to ``min_lr_ratio`` at ``total_steps``."""
     if warmup_steps > 0 and step <= warmup_steps:
         return max(step, 1) / warmup_steps
     if step >= total_steps:
-        return 0.0
-    return 1.0 - (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return min_lr_ratio
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
 def build_optimizer(
@@ -160,9 +165,11 @@ def build_optimizer(
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    total = config.optim.max_steps
-    warmup = math.ceil(config.optim.warmup_ratio * total)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+    optim = config.optim
+    total, warmup = optim.max_steps, math.ceil(optim.warmup_ratio * optim.max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total, optim.schedule, optim.min_lr_ratio)
+    )
 
 
 def initialize_engine(config: Any, context: DistributedContext, recipe: Any) -> tuple[Any, dict[str, Any]]:

@@ -1,3 +1,4 @@
+import math
 import sys
 
 import pytest
@@ -68,6 +69,21 @@ def test_learning_rate_schedule_matches_fairseq_polynomial_decay():
     assert factors[12] == pytest.approx(1 - 8 / 16)
     assert factors[20] == 0.0
     assert lr_factor(0, 0, 10) == 1.0
+
+
+def test_cosine_schedule_falls_to_the_floor_along_half_a_cosine() -> None:
+    # warmup 2 of 12 updates, then half a cosine from 1 to 0.1 over the remaining 10.
+    factors = [lr_factor(step, 2, 12, "cosine", 0.1) for step in range(13)]
+    assert factors[:3] == [0.5, 0.5, 1.0]
+    assert factors[7] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: the mean of peak and floor
+    assert factors[4] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert factors[12] == 0.1 and all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    from biomedgpt.train.config import OptimSection
+
+    optim = load_config(OptimSection, None, ["schedule=cosine", "min_lr_ratio=0.1"])
+    assert (optim.schedule, optim.min_lr_ratio) == ("cosine", 0.1)
+    with pytest.raises(ConfigError, match=r"min_lr_ratio=2.0 must lie in \[0, 1\]"):
+        load_config(OptimSection, None, ["min_lr_ratio=2"])
 
 
 def test_model_state_memory_follows_the_zero_stages():
