@@ -156,7 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"job_prep: config error: {error}", file=sys.stderr)
         return 2
-    if args.check_inputs:
+    if args.check_inputs and config.recipe == "causal_lm":
+        from biomedgpt.train.recipes.causal_lm import check_inputs as check_causal_lm_inputs
+
+        try:
+            check_causal_lm_inputs(config)
+        except (ValueError, OSError) as error:
+            print(f"job_prep: error: {error}. Nothing was started (no srun step, no MLflow run).", file=sys.stderr)
+            return 2
+    elif args.check_inputs:
         try:
             # In the batch shell: the job fails here, before srun starts any rank.
             check_inputs(config, hint="Nothing was started (no srun step, no MLflow run).")

@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -189,10 +190,73 @@ def log_progress_to_stdout() -> None:
     project.propagate = False
 
 
+def causal_lm_dry_run(config: Any, world_size: int) -> str:
+    """The ``causal_lm`` recipe's plan: resolved config, DeepSpeed config, parameters and model-state memory per
+    rank, from the model's config alone (built on the meta device: no weights are read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from biomedgpt.train.engine import model_state_bytes_per_rank, resolve_deepspeed_config, zero_stage
+    from biomedgpt.train.recipes.causal_lm import model_config
+
+    ds_config = resolve_deepspeed_config(config, world_size, cuda=True if config.precision == "bf16" else None)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(config))
+    total = sum(p.numel() for p in model.parameters())
+    stage = zero_stage(ds_config)
+    memory = model_state_bytes_per_rank(total, stage, world_size, config.precision == "bf16")
+    lines = [
+        "# resolved config",
+        yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(),
+        "# DeepSpeed config",
+        json.dumps(ds_config, indent=2),
+        "# model",
+        f"{model.config.model_type}: {total:,} parameters, vocabulary {model.config.vocab_size:,}",
+        f"# memory of model states per rank (ZeRO stage {stage}, world size {world_size}, {config.precision})",
+    ]
+    lines += [f"{name}: {value / 2**30:.3f} GiB" for name, value in memory.items()]
+    lines.append("(activations, buffers and communication buckets come on top)")
+    return "\n".join(lines)
+
+
+def run_causal_lm(args: argparse.Namespace, config: Any) -> int:
+    """``biomedgpt-train`` for a ``causal_lm`` run config: its start checks, dry run or training."""
+    from biomedgpt.train.recipes.causal_lm import check_inputs as check_causal_lm_inputs
+
+    try:
+        if args.dry_run:
+            world_size = dry_run_world_size(args.world_size)
+            if not args.allow_missing_data:
+                check_causal_lm_inputs(config)
+            print(causal_lm_dry_run(config, world_size))
+            return 0
+        check_causal_lm_inputs(config)  # before the process group: a wrong path fails in seconds
+        if single_rank_environment(os.environ):
+            print(f"biomedgpt-train: {SINGLE_RANK_NOTE}", file=sys.stderr, flush=True)
+    except (ValueError, OSError) as error:
+        print(f"biomedgpt-train: error: {error}", file=sys.stderr)
+        return 2
+    return train(config)
+
+
+def train(config: Any) -> int:
+    from biomedgpt.train.checkpointing import ResumeError
+    from biomedgpt.train.trainer import Trainer
+
+    log_progress_to_stdout()
+    try:
+        return Trainer(config).run()
+    except ResumeError as error:
+        print(f"biomedgpt-train: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_run_config(args.config, args.overrides)
+        if config.recipe == "causal_lm":
+            return run_causal_lm(args, config)
         if args.dry_run:
             world_size = dry_run_world_size(args.world_size)
             check_inputs(config, allow_missing=args.allow_missing_data, hint=PLANNING_HINT)
@@ -213,15 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"biomedgpt-train: error: {error}", file=sys.stderr)
         return 2
-    from biomedgpt.train.checkpointing import ResumeError
-    from biomedgpt.train.trainer import Trainer
-
-    log_progress_to_stdout()
-    try:
-        return Trainer(config).run()
-    except ResumeError as error:
-        print(f"biomedgpt-train: error: {error}", file=sys.stderr, flush=True)
-        return 2
+    return train(config)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ class RecipeEntry:
 
 RECIPES: dict[str, RecipeEntry] = {
     "biomedgpt": RecipeEntry("biomedgpt.train.config:TrainConfig", "biomedgpt.train.recipes.biomedgpt:BiomedGPTRecipe"),
+    "causal_lm": RecipeEntry(
+        "biomedgpt.train.recipes.causal_lm_config:CausalLMTrainConfig",
+        "biomedgpt.train.recipes.causal_lm:CausalLMRecipe",
+    ),
 }
 
 __all__ = [

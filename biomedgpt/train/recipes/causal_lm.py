@@ -1,0 +1,172 @@
+"""Continued pretraining of a Hugging Face causal LM on the training core (BioMedGPT-LM-7B style: Llama-2-7B-chat
+trained further on biomedical papers; PharMolix/OpenBioMed).
+
+Model: any ``AutoModelForCausalLM`` directory, loaded partitioned under ZeRO-3 (transformers builds it inside
+``deepspeed.zero.Init`` while a ``HfDeepSpeedConfig`` is alive, so a 7B model never sits whole on one rank), or a
+model built from an inline config; SDPA attention, optional gradient checkpointing. AdamW without weight decay on
+biases and norms (as Llama and the Hugging Face Trainer train), linear or cosine schedule (``optim.schedule``).
+
+Loss: next-token cross entropy, computed inside the output projection's forward in chunks of
+``model.loss_chunk_size`` target tokens (:mod:`biomedgpt.train.fused_loss`), so fp32 logits over the vocabulary
+never exist for the whole micro-batch; inside that module's forward is where ZeRO-3 has gathered its weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biomedgpt.checkpoint.layout import TOKENIZER_DIR
+from biomedgpt.data.token_stream import IGNORE_INDEX, TokenCollator, TokenStream, token_shards_meta
+from biomedgpt.train.decoder_flops import decoder_forward_flops
+from biomedgpt.train.engine import zero_stage
+from biomedgpt.train.fused_loss import fused_loss_parts, loss_output_from_parts
+from biomedgpt.train.recipes.base import DataPlan, Recipe, StepLoss
+from biomedgpt.train.recipes.causal_lm_config import CausalLMTrainConfig
+
+__all__ = ["CausalLMForTraining", "CausalLMRecipe", "check_inputs", "model_config"]
+
+
+def model_config(config: CausalLMTrainConfig) -> Any:
+    """The transformers config of the run's model (read from ``model.path`` or built from ``model.config``)."""
+    from transformers import AutoConfig
+
+    section = config.model
+    if section.path is not None:
+        return AutoConfig.from_pretrained(section.path)
+    settings = dict(section.config or {})
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
+def check_inputs(config: CausalLMTrainConfig) -> None:
+    """Before any process group: the token shards exist and were tokenized for this model's vocabulary."""
+    problems = []
+    try:
+        meta = token_shards_meta(str(config.data.train))
+    except ValueError as error:
+        meta = None
+        problems.append(f"data.train={config.data.train}: {error}")
+    if config.model.path is not None and not (Path(config.model.path) / "config.json").is_file():
+        problems.append(f"model.path={config.model.path}: no config.json there (a Hugging Face model directory)")
+    elif meta is not None:
+        vocab = int(getattr(model_config(config), "vocab_size", 0))
+        if int(meta.get("vocab_size", 0)) > vocab:
+            problems.append(
+                f"data.train={config.data.train} was tokenized with {meta.get('tokenizer')} ({meta.get('vocab_size')} "
+                f"ids) but the model has vocab_size={vocab}; convert with the model's tokenizer"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _head_forward(self: nn.Linear, hidden: torch.Tensor, hidden_state_loss: Any = None) -> Any:
+    """The output projection's forward: logits, or with ``hidden_state_loss`` that loss of its input and weight."""
+    if hidden_state_loss is None:
+        return F.linear(hidden, self.weight, self.bias)
+    return tuple(hidden_state_loss(hidden, self.weight))
+
+
+class CausalLMForTraining(nn.Module):
+    """The Hugging Face model (``.model``) with the chunked next-token loss: what the DeepSpeed engine wraps."""
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise ValueError(f"{type(model).__name__}: the chunked loss needs an output projection without bias")
+        # The loss runs inside the head's own forward, where ZeRO-3 has gathered its (possibly tied) weight.
+        head.forward = types.MethodType(_head_forward, head)
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        loss = functools.partial(
+            fused_loss_parts, target=labels[:, 1:], padding_idx=IGNORE_INDEX, chunk_size=self.chunk_size
+        )
+        return loss_output_from_parts(self.model.get_output_embeddings()(hidden[:, :-1], hidden_state_loss=loss))
+
+
+class CausalLMRecipe(Recipe):
+    name = "causal_lm"
+
+    config: CausalLMTrainConfig
+
+    def build_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.config.data.tokenizer or self.config.model.path)
+
+    def build_model(self, ds_config: Mapping[str, Any]) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        section = self.config.model
+        # While this object lives, transformers builds and loads the model inside zero.Init (ZeRO-3 only).
+        keep = HfDeepSpeedConfig(copy.deepcopy(dict(ds_config))) if zero_stage(dict(ds_config)) == 3 else None
+        if section.path is not None:
+            model = AutoModelForCausalLM.from_pretrained(section.path, attn_implementation=section.attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_config(
+                model_config(self.config), attn_implementation=section.attn_implementation
+            )
+        del keep
+        if section.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return CausalLMForTraining(model, section.loss_chunk_size)
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        # No weight decay on biases and norm weights (the one-dimensional parameters), as Llama trains.
+        decayed, plain = [], []
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3 keeps the full shape here
+                (decayed if len(shape) >= 2 else plain).append(parameter)
+        return [{"params": decayed}, {"params": plain, "weight_decay": 0.0}]
+
+    def build_data(self) -> DataPlan:
+        from biomedgpt.data.pipeline import make_loader
+
+        data, batch = self.config.data, self.config.batch
+        dataset = TokenStream(
+            str(data.train),
+            batch_size=batch.micro_batch_size,
+            shuffle=data.shuffle,
+            shuffle_algo=data.shuffle_algo,
+            shuffle_seed=data.seed,
+            num_canonical_nodes=data.num_canonical_nodes,
+        )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        loader = make_loader(dataset, batch.micro_batch_size, TokenCollator(int(pad)), data.num_workers)
+        return DataPlan(dataset, loader, ["main"])
+
+    def target_tokens(self, batch: Any, completed_steps: int) -> int:
+        return int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
+
+    def forward_loss(self, engine: Any, batch: Any, completed_steps: int, device: torch.device) -> StepLoss:
+        inputs = {key: batch[key].to(device, non_blocking=True) for key in ("input_ids", "attention_mask", "labels")}
+        out = engine(**inputs)
+        return StepLoss(out.loss, out.per_example, out.per_example_tokens)
+
+    def input_tokens(self, batch: Any) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def forward_flops(self, model: nn.Module, batch: Any) -> int:
+        batch_size, seq_len = batch["input_ids"].shape
+        return decoder_forward_flops(model.model.config, int(batch_size), int(seq_len))
+
+    def write_run_files(self, checkpoint_dir: Path, model: nn.Module) -> None:
+        model.model.config.save_pretrained(checkpoint_dir)
+        self.tokenizer.save_pretrained(checkpoint_dir / TOKENIZER_DIR)
+
+    def tracking_tags(self) -> dict[str, str]:
+        config = self.config.model
+        return {"model": config.path or str((config.config or {}).get("model_type"))}
