@@ -131,7 +131,7 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
 
     from biomedgpt.model import BiomedGPTForConditionalGeneration, count_trainable_parameters
     from biomedgpt.model.config import ORIGINAL_VOCAB_SIZE
-    from biomedgpt.train.engine import model_state_bytes_per_rank, resolve_deepspeed_config, zero_stage
+    from biomedgpt.train.engine import resolve_deepspeed_config
     from biomedgpt.train.recipes.biomedgpt import load_tokenizer, model_config_for
 
     # A dry run plans a GPU job from any machine: a bf16 config is not refused for lack of a local GPU.
@@ -146,16 +146,24 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
         model = BiomedGPTForConditionalGeneration(model_config_for(config, vocab_size))
     trainable = count_trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
+    model_line = f"size {config.model.size}: {total:,} parameters ({trainable:,} trainable), vocabulary {vocab_size:,}"
+    return plan_text(config, ds_config, world_size, total, [model_line, *notes])
+
+
+def plan_text(config: Any, ds_config: dict[str, Any], world_size: int, parameters: int, model_lines: list[str]) -> str:
+    """A dry run's report, for every recipe: resolved config, DeepSpeed config, the model lines, and the memory of
+    model states per rank for ``parameters``."""
+    from biomedgpt.train.engine import model_state_bytes_per_rank, zero_stage
+
     stage = zero_stage(ds_config)
-    memory = model_state_bytes_per_rank(total, stage, world_size, config.precision == "bf16")
+    memory = model_state_bytes_per_rank(parameters, stage, world_size, config.precision == "bf16")
     lines = [
         "# resolved config",
         yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(),
         "# DeepSpeed config",
         json.dumps(ds_config, indent=2),
         "# model",
-        f"size {config.model.size}: {total:,} parameters ({trainable:,} trainable), vocabulary {vocab_size:,}",
-        *notes,
+        *model_lines,
         f"# memory of model states per rank (ZeRO stage {stage}, world size {world_size}, {config.precision})",
     ]
     lines += [f"{name}: {value / 2**30:.3f} GiB" for name, value in memory.items()]
@@ -196,27 +204,15 @@ def causal_lm_dry_run(config: Any, world_size: int) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from biomedgpt.train.engine import model_state_bytes_per_rank, resolve_deepspeed_config, zero_stage
+    from biomedgpt.train.engine import resolve_deepspeed_config
     from biomedgpt.train.recipes.causal_lm import model_config
 
     ds_config = resolve_deepspeed_config(config, world_size, cuda=True if config.precision == "bf16" else None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config(config))
     total = sum(p.numel() for p in model.parameters())
-    stage = zero_stage(ds_config)
-    memory = model_state_bytes_per_rank(total, stage, world_size, config.precision == "bf16")
-    lines = [
-        "# resolved config",
-        yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(),
-        "# DeepSpeed config",
-        json.dumps(ds_config, indent=2),
-        "# model",
-        f"{model.config.model_type}: {total:,} parameters, vocabulary {model.config.vocab_size:,}",
-        f"# memory of model states per rank (ZeRO stage {stage}, world size {world_size}, {config.precision})",
-    ]
-    lines += [f"{name}: {value / 2**30:.3f} GiB" for name, value in memory.items()]
-    lines.append("(activations, buffers and communication buckets come on top)")
-    return "\n".join(lines)
+    model_line = f"{model.config.model_type}: {total:,} parameters, vocabulary {model.config.vocab_size:,}"
+    return plan_text(config, ds_config, world_size, total, [model_line])
 
 
 def run_causal_lm(args: argparse.Namespace, config: Any) -> int:
