@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 from mlflow.tracking import MlflowClient
 
 from biomedgpt.train.cli import free_local_port, torchrun_command
@@ -75,3 +78,45 @@ def torchrun_script(script: str | Path, argument: Path, nproc: int = 2) -> subpr
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=argument)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until the job in ``run_dir`` has logged ``step`` in its metrics.jsonl; fail when it ends first."""
+    deadline = time.monotonic() + timeout
+    path = run_dir / "ckpt" / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.is_file() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines() if x):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (code {proc.returncode}) before step {step}")
+        time.sleep(0.5)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def training_ranks(launcher_pid: int) -> list[psutil.Process]:
+    return [
+        p for p in psutil.Process(launcher_pid).children(recursive=True) if "biomedgpt.train" in " ".join(p.cmdline())
+    ]
+
+
+def kill_job_after_step(
+    command: list[str], run_dir: Path, step: int, store: Path | None = None, nproc: int = 2
+) -> None:
+    """Start a job of ``nproc`` ranks (``command``) in a new ``run_dir`` and, once it has logged ``step``, crash it:
+    the launcher and every rank at once, no chance to save. torchrun starts each rank in a session (and process
+    group) of its own, so each group is killed whole: a rank's Python resource tracker, left alive, would unlink the
+    rank's shared memory as a crash does not."""
+    run_dir.mkdir()
+    proc = subprocess.Popen(
+        command, env=environment(run_dir, store), cwd=run_dir,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    wait_for_step(run_dir, step, proc)
+    ranks = training_ranks(proc.pid)
+    assert len(ranks) == nproc
+    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for rank in ranks:
+        os.killpg(rank.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(job, timeout=60)
+    proc.wait(timeout=60)

@@ -45,10 +45,14 @@ import torch
 
 from biomedgpt.checkpoint.errors import DEFAULT_MAX_SHARD_SIZE, ConsolidationError, VerificationError
 from biomedgpt.checkpoint.layout import COMPLETE_MARKER, CONFIG_FILES, LATEST_FILE, TOKENIZER_DIR, step_of_tag
-from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt.checkpoint.model_formats import (
+    BiomedGPTFormat,
+    ModelFormat,
+    format_for_config,
+    read_config_file,
+)
 from biomedgpt.model_dir_files import TASK_FILE
 from biomedgpt.output_dirs import OutputDirError, check_output_dir, replace_output_dir, staging_dir
-from biomedgpt.tokenizer import BiomedGPTTokenizer
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
@@ -476,29 +480,21 @@ def _find_task_file(checkpoint: ZeroCheckpoint) -> Path | None:
     return None
 
 
-def read_model_config(path: Path) -> BiomedGPTConfig:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConsolidationError(f"{path}: not a readable JSON model config ({error})") from error
-    if data.get("model_type") not in (None, BiomedGPTConfig.model_type):
-        raise ConsolidationError(
-            f"{path}: model_type is {data.get('model_type')!r}, not {BiomedGPTConfig.model_type!r}"
-        )
-    try:
-        return BiomedGPTConfig.from_dict(data)
-    except (TypeError, ValueError) as error:
-        raise ConsolidationError(f"{path}: not a valid BiomedGPT config ({error})") from error
+def read_model_config(path: Path) -> Any:
+    """The model config in ``path`` (a ``config.json``): a BiomedGPTConfig, or a transformers causal-LM config."""
+    return read_config_file(path)[0]
 
 
 @dataclass
 class ModelSources:
-    """The model config and tokenizer a consolidated directory is written with, and where they came from."""
+    """The model config and tokenizer a consolidated directory is written with, where they came from, and the model
+    family they belong to."""
 
-    config: BiomedGPTConfig
-    tokenizer: BiomedGPTTokenizer
+    config: Any
+    tokenizer: Any
     config_origin: str
     tokenizer_origin: str
+    format: ModelFormat
 
 
 @dataclass(frozen=True)
@@ -508,9 +504,10 @@ class ConfigBuilder:
     caller nor the checkpoint gives one."""
 
     origin: str
-    build: Callable[[BiomedGPTTokenizer], BiomedGPTConfig]
-    tokenizer: Callable[[], BiomedGPTTokenizer]
+    build: Callable[[Any], Any]
+    tokenizer: Callable[[], Any]
     tokenizer_origin: str
+    model_format: ModelFormat = field(default_factory=BiomedGPTFormat)  # the family ``build`` makes a config of
 
 
 def is_model_config(path: str | os.PathLike[str]) -> bool:
@@ -523,17 +520,19 @@ def is_model_config(path: str | os.PathLike[str]) -> bool:
 
 def resolve_model_sources(
     checkpoint: ZeroCheckpoint,
-    config_from: str | os.PathLike[str] | BiomedGPTConfig | ConfigBuilder | None = None,
-    tokenizer: str | os.PathLike[str] | BiomedGPTTokenizer | None = None,
+    config_from: str | os.PathLike[str] | Any | ConfigBuilder | None = None,
+    tokenizer: str | os.PathLike[str] | Any | None = None,
 ) -> ModelSources:
-    """Model config: ``config_from`` (a BiomedGPTConfig, a ``config.json`` file or model directory, or a
+    """Model config: ``config_from`` (a config object, a ``config.json`` file or model directory, or a
     :class:`ConfigBuilder`), else the checkpoint's ``config.json``/``model_config.json`` (tag, then checkpoint
-    directory). Tokenizer: ``tokenizer`` (a directory), else the checkpoint's ``tokenizer/``, else the builder's."""
+    directory). Tokenizer: ``tokenizer`` (a directory or a tokenizer), else the checkpoint's ``tokenizer/``, else the
+    builder's. The config's ``model_type`` picks the model family (BiomedGPT or a Hugging Face causal LM)."""
     builder = config_from if isinstance(config_from, ConfigBuilder) else None
+    model_format: ModelFormat | None = None
     if builder is not None:
-        config, config_origin = None, builder.origin
-    elif isinstance(config_from, BiomedGPTConfig):
-        config, config_origin = config_from, "given config"
+        config, config_origin, model_format = None, builder.origin, builder.model_format
+    elif config_from is not None and not isinstance(config_from, (str, os.PathLike)):
+        config, config_origin, model_format = config_from, "given config", format_for_config(config_from)
     elif config_from is not None:
         path = Path(config_from)
         if not is_model_config(path):
@@ -542,7 +541,7 @@ def resolve_model_sources(
                 "also reads a training preset or YAML)"
             )
         found = path / "config.json" if path.is_dir() else path
-        config, config_origin = read_model_config(found), str(found)
+        (config, model_format), config_origin = read_config_file(found), str(found)
     else:
         found = _find_config_file(checkpoint)
         if found is None:
@@ -550,14 +549,14 @@ def resolve_model_sources(
                 f"no model config in {checkpoint.directory} or {checkpoint.root} (looked for "
                 f"{' / '.join(CONFIG_FILES)}); pass --config-from with the training preset or YAML, or a config.json"
             )
-        config, config_origin = read_model_config(found), str(found)
+        (config, model_format), config_origin = read_config_file(found), str(found)
 
-    if isinstance(tokenizer, BiomedGPTTokenizer):
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         tok, tokenizer_origin = tokenizer, "given tokenizer"
     elif tokenizer is not None:
-        tok, tokenizer_origin = _read_tokenizer(Path(tokenizer)), str(tokenizer)
+        tok, tokenizer_origin = _read_tokenizer(Path(tokenizer), model_format), str(tokenizer)
     elif (found_tok := _find_tokenizer_dir(checkpoint)) is not None:
-        tok, tokenizer_origin = _read_tokenizer(found_tok), str(found_tok)
+        tok, tokenizer_origin = _read_tokenizer(found_tok, model_format), str(found_tok)
     elif builder is not None:
         try:
             tok = builder.tokenizer()
@@ -576,19 +575,20 @@ def resolve_model_sources(
             config = builder.build(tok)
         except ValueError as error:  # BiomedGPTConfig.validate: an impossible combination
             raise ConsolidationError(f"--config-from {builder.origin}: {error}") from error
-    if len(tok) != config.vocab_size:
+    problem = model_format.tokenizer_mismatch(tok, config)
+    if problem is not None:
         raise ConsolidationError(
             f"the tokenizer from {tokenizer_origin} has {len(tok)} ids but the model config from {config_origin} has "
-            f"vocab_size={config.vocab_size}; pass the tokenizer the run used (--tokenizer)"
+            f"vocab_size={config.vocab_size} ({problem}); pass the tokenizer the run used (--tokenizer)"
         )
-    return ModelSources(config, tok, config_origin, tokenizer_origin)
+    return ModelSources(config, tok, config_origin, tokenizer_origin, model_format)
 
 
-def _read_tokenizer(path: Path) -> BiomedGPTTokenizer:
+def _read_tokenizer(path: Path, model_format: ModelFormat) -> Any:
     if not path.is_dir():
         raise ConsolidationError(f"{path}: tokenizer directory not found")
     try:
-        return BiomedGPTTokenizer.from_pretrained(path)
+        return model_format.read_tokenizer(path)
     except (OSError, ValueError) as error:
         raise ConsolidationError(f"{path}: cannot load the tokenizer ({error})") from error
 
@@ -608,11 +608,13 @@ class _Entry:
         return self.shape.numel() * self.dtype.itemsize
 
 
-def model_layout(config: BiomedGPTConfig) -> tuple[dict[str, torch.Size], dict[str, str]]:
-    """The persistent state of the model (key -> shape, in ``state_dict`` order) with each tied group under the
-    one key ``save_pretrained`` keeps, and the tied keys it drops (alias -> kept key)."""
-    with torch.device("meta"):
-        model = BiomedGPTForConditionalGeneration(config)
+def model_layout(config: Any) -> tuple[dict[str, torch.Size], dict[str, str]]:
+    """The persistent state of the model of ``config`` (key -> shape, in ``state_dict`` order) with each tied group
+    under the one key ``save_pretrained`` keeps, and the tied keys it drops (alias -> kept key)."""
+    return _layout_of(format_for_config(config).meta_model(config))
+
+
+def _layout_of(model: torch.nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
     state = model.state_dict(keep_vars=True)  # keep_vars: tied names map to the same Parameter object
     dropped_by_transformers = set(getattr(model, "_tied_weights_keys", None) or ())
     groups: dict[int, list[str]] = {}
@@ -631,11 +633,12 @@ def model_layout(config: BiomedGPTConfig) -> tuple[dict[str, torch.Size], dict[s
 
 
 def _plan_entries(
-    checkpoint: ZeroCheckpoint, config: BiomedGPTConfig, dtype: torch.dtype
+    checkpoint: ZeroCheckpoint, model: torch.nn.Module, model_format: ModelFormat, dtype: torch.dtype
 ) -> tuple[list[_Entry], dict[str, str]]:
     """What to write, in model order, each output key mapped to the checkpoint tensor that holds it; and the tied
     keys left out. Any difference between the checkpoint and the model config is an error listing them."""
-    layout, aliases = model_layout(config)
+    layout, aliases = _layout_of(model)
+    prefix = model_format.weight_prefix(next(iter(layout)), checkpoint) if layout else ""
     tie_group: dict[str, list[str]] = {name: [name] for name in layout}
     for alias, kept in aliases.items():
         tie_group[kept].append(alias)
@@ -643,7 +646,7 @@ def _plan_entries(
     problems: list[str] = []
     used: set[str] = set()
     for name, shape in layout.items():
-        source = next((n for n in tie_group[name] if n in checkpoint), None)
+        source = next((prefix + n for n in tie_group[name] if prefix + n in checkpoint), None)
         if source is None:
             problems.append(f"missing {name} {tuple(shape)}")
             continue
@@ -769,13 +772,14 @@ def consolidate_checkpoint(
     tag: str | None = "latest",
     dtype: str | torch.dtype = "fp32",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-    config_from: str | os.PathLike[str] | BiomedGPTConfig | ConfigBuilder | None = None,
-    tokenizer: str | os.PathLike[str] | BiomedGPTTokenizer | None = None,
+    config_from: str | os.PathLike[str] | Any | ConfigBuilder | None = None,
+    tokenizer: str | os.PathLike[str] | Any | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConsolidationResult:
     """Write ``output_dir`` (``config.json``, ``model*.safetensors`` with an index when sharded, tokenizer files)
-    from a ZeRO checkpoint, loadable with ``BiomedGPTForConditionalGeneration.from_pretrained``.
+    from a ZeRO checkpoint, loadable with ``BiomedGPTForConditionalGeneration.from_pretrained`` (a BiomedGPT run) or
+    ``transformers.AutoModelForCausalLM.from_pretrained`` (a ``causal_lm`` run; the model's ``model_type`` decides).
 
     The directory appears only when complete (written under a temporary name, then renamed). Floating tensors are
     cast to ``dtype``; integer buffers keep theirs. Tied weights are written once, under the key transformers keeps.
@@ -787,7 +791,8 @@ def consolidate_checkpoint(
     _check_output(output, checkpoint_dir, overwrite)  # before any work
     checkpoint = ZeroCheckpoint(checkpoint_dir, tag)
     sources = resolve_model_sources(checkpoint, config_from, tokenizer)
-    entries, tied = _plan_entries(checkpoint, sources.config, out_dtype)
+    model = sources.format.meta_model(sources.config)
+    entries, tied = _plan_entries(checkpoint, model, sources.format, out_dtype)
     shards = _plan_shards(entries, shard_limit)
     names = _shard_names(len(shards))
     total = sum(entry.nbytes for entry in entries)
@@ -812,7 +817,7 @@ def consolidate_checkpoint(
             index["weight_map"] = dict(sorted(index["weight_map"].items()))
             (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         config = copy.deepcopy(sources.config)
-        config.architectures = [BiomedGPTForConditionalGeneration.__name__]
+        config.architectures = [type(model).__name__]
         config.dtype = out_dtype
         config.save_pretrained(staging)
         sources.tokenizer.save_pretrained(staging)
@@ -961,17 +966,14 @@ class _Reference:
         value = self.tensors[name]
         return value if isinstance(value, torch.Tensor) else value.contiguous()  # DeepSpeed's lazy tensors
 
-
-def _dummy_batch(config: BiomedGPTConfig) -> dict[str, torch.Tensor]:
-    """Two rows, one with an image and one text-only, from a fixed seed."""
-    generator = torch.Generator().manual_seed(0)
-    high = min(config.vocab_size, 1000)
-    return {
-        "input_ids": torch.randint(4, high, (2, 10), generator=generator),
-        "patch_images": torch.randn(2, 3, 64, 64, generator=generator),
-        "patch_masks": torch.tensor([True, False]),
-        "decoder_input_ids": torch.randint(4, high, (2, 6), generator=generator),
-    }
+    def find(self, name: str, aliases: list[str], model_format: ModelFormat) -> torch.Tensor | None:
+        """The reference for output key ``name`` (or a tied alias of it), under any of the format's prefixes (the
+        engine's state names the model's weights as its training wrapper holds them)."""
+        for prefix in model_format.weight_prefixes:
+            for key in (name, *aliases):
+                if prefix + key in self.tensors:
+                    return self.get(prefix + key)
+        return None
 
 
 def verify_consolidated(
@@ -991,10 +993,11 @@ def verify_consolidated(
         checkpoint = checkpoint.directory
     ref = _Reference(reference, Path(checkpoint) if checkpoint is not None else None)
     result = VerificationResult(reference=ref.description)
-    model, info = BiomedGPTForConditionalGeneration.from_pretrained(output, output_loading_info=True)
+    config, model_format = read_config_file(output / "config.json")
+    model, info = model_format.load(output)
     model.eval()
     result.load_problems = [f"{kind}: {', '.join(keys)}" for kind, keys in info.items() if keys]
-    _, tied = model_layout(model.config)
+    _, tied = model_layout(config)
     result.tied = all(model.get_parameter(alias) is model.get_parameter(kept) for alias, kept in tied.items())
 
     from safetensors import safe_open
@@ -1007,9 +1010,7 @@ def verify_consolidated(
             with safe_open(str(shard), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
                     written = handle.get_tensor(name)
-                    expected = ref.get(name)
-                    if expected is None:
-                        expected = next((ref.get(a) for a, k in tied.items() if k == name and a in ref.tensors), None)
+                    expected = ref.find(name, [a for a, k in tied.items() if k == name], model_format)
                     if expected is None:
                         result.not_in_reference.append(name)
                         continue
@@ -1025,7 +1026,7 @@ def verify_consolidated(
                         reference_less_precise = True
                     # The reference model gets the reference weights as they would be written at this dtype.
                     reference_state[name].copy_(expected.to(written.dtype))
-        batch = _dummy_batch(model.config)
+        batch = model_format.dummy_batch(model.config)
         logits = model(**batch).logits
         reference_logits = reference_model(**batch).logits
     result.logits_finite = bool(torch.isfinite(logits).all())

@@ -9,7 +9,8 @@ Examples::
 Runs on CPU with any number of cores, whatever world size trained the checkpoint (stage 1, 2 or 3). OUT_DIR gets
 ``config.json``, ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``)
 and the tokenizer files; load it with ``BiomedGPTForConditionalGeneration.from_pretrained(OUT_DIR)`` or start a run
-from it with ``model.init_from=OUT_DIR``.
+from it with ``model.init_from=OUT_DIR``. A ``causal_lm`` run's checkpoint (its ``config.json`` names a Hugging Face
+``model_type`` such as llama) becomes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
 The model config and tokenizer are read from the checkpoint (``config.json`` and ``tokenizer/`` next to the tags, as
 the trainer writes them); for older checkpoints give ``--config-from`` (the training preset or YAML, or a
@@ -104,6 +105,9 @@ def training_config_builder(source: str, overrides: Sequence[str]) -> Any:
     except (ConfigError, FileNotFoundError) as error:
         raise ConsolidationError(f"--config-from {source}: {error}") from error
 
+    if train_config.recipe == "causal_lm":
+        return _causal_lm_builder(source, train_config)
+
     def build(tokenizer: Any) -> Any:
         from biomedgpt.train.recipes.biomedgpt import model_config_for  # imports the model family: only when used
 
@@ -117,6 +121,25 @@ def training_config_builder(source: str, overrides: Sequence[str]) -> Any:
         tokenizer=lambda: _recipe_tokenizer(train_config),
         tokenizer_origin=train_config.data.tokenizer or "the packaged default tokenizer (training config)",
     )
+
+
+def _causal_lm_builder(source: str, train_config: Any) -> Any:
+    """A causal_lm run's model: its ``model.path`` config or inline ``model.config``, its tokenizer."""
+    from biomedgpt.checkpoint.consolidate import ConfigBuilder
+    from biomedgpt.checkpoint.model_formats import CausalLMFormat
+
+    def build(tokenizer: Any) -> Any:
+        from biomedgpt.train.recipes.causal_lm import model_config
+
+        return model_config(train_config)
+
+    def tokenizer() -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer_origin)
+
+    tokenizer_origin = train_config.data.tokenizer or train_config.model.path
+    return ConfigBuilder(f"training config {source}", build, tokenizer, tokenizer_origin, CausalLMFormat())
 
 
 def _recipe_tokenizer(train_config: Any) -> Any:

@@ -34,6 +34,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -227,6 +228,28 @@ def read_index(out_dir: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------- reading
+
+
+def iter_rows(data_dir: str | os.PathLike[str], limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of a converted dataset directory (``index.json`` + Parquet shards) in order, without streaming's
+    partitioning (evaluation and validation read a split whole); a ValueError names what is wrong."""
+    directory = Path(data_dir)
+    if not (directory / INDEX_BASENAME).is_file():
+        raise ValueError(f"{directory}: not a converted dataset (no {INDEX_BASENAME}); run biomedgpt-convert first")
+    produced = 0
+    for shard in read_index(str(directory)).get("shards", []):
+        if shard.get("format") != "parquet":
+            raise ValueError(f"{directory}: unsupported shard format {shard.get('format')!r}")
+        path = directory / shard["raw_data"]["basename"]
+        if not path.is_file():
+            raise ValueError(f"{path}: shard listed in {INDEX_BASENAME} is missing")
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            for row in parquet.read_row_group(group).to_pylist():
+                if limit is not None and produced >= limit:
+                    return
+                produced += 1
+                yield row
 
 
 class _RowGroupCache:

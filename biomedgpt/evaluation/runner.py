@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from biomedgpt.data.examples import Example, collate, images_on_device
@@ -38,7 +37,7 @@ from biomedgpt.data.finetune_tasks import (
     read_task_file,
     write_task_file,  # noqa: F401 - re-exported
 )
-from biomedgpt.data.parquet_shards import read_index
+from biomedgpt.data.parquet_shards import iter_rows as read_rows
 from biomedgpt.evaluation.metrics import accuracy, caption_metrics, summary_metrics, vqa_accuracy
 from biomedgpt.model.generation import DecodingConfig, generate, score_candidates
 from biomedgpt.tasks import FINETUNE_TASK_NAMES, FINETUNE_TASKS, finetune_task
@@ -69,24 +68,10 @@ class EvaluationError(ValueError):
 
 def iter_rows(data_dir: str | os.PathLike[str], limit: int | None = None) -> Iterator[dict[str, Any]]:
     """Rows of a converted dataset directory (``index.json`` + Parquet shards) in order."""
-    data_dir = Path(data_dir)
-    if not (data_dir / "index.json").is_file():
-        raise EvaluationError(f"{data_dir}: not a converted dataset (no index.json); run biomedgpt-convert first")
-    index = read_index(str(data_dir))
-    produced = 0
-    for shard in index.get("shards", []):
-        if shard.get("format") != "parquet":
-            raise EvaluationError(f"{data_dir}: unsupported shard format {shard.get('format')!r}")
-        path = data_dir / shard["raw_data"]["basename"]
-        if not path.is_file():
-            raise EvaluationError(f"{path}: shard listed in index.json is missing")
-        parquet = pq.ParquetFile(path)
-        for group in range(parquet.num_row_groups):
-            for row in parquet.read_row_group(group).to_pylist():
-                if limit is not None and produced >= limit:
-                    return
-                produced += 1
-                yield row
+    try:
+        yield from read_rows(data_dir, limit)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
 
 
 def load_answer_types(path: str | os.PathLike[str]) -> dict[str, str]:

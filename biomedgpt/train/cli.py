@@ -147,16 +147,19 @@ def dry_run(config: TrainConfig, world_size: int) -> str:
     trainable = count_trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     model_line = f"size {config.model.size}: {total:,} parameters ({trainable:,} trainable), vocabulary {vocab_size:,}"
-    return plan_text(config, ds_config, world_size, total, [model_line, *notes])
+    return plan_text(config, ds_config, world_size, model, [model_line, *notes])
 
 
-def plan_text(config: Any, ds_config: dict[str, Any], world_size: int, parameters: int, model_lines: list[str]) -> str:
+def plan_text(config: Any, ds_config: dict[str, Any], world_size: int, model: Any, model_lines: list[str]) -> str:
     """A dry run's report, for every recipe: resolved config, DeepSpeed config, the model lines, and the memory of
-    model states per rank for ``parameters``."""
-    from biomedgpt.train.engine import model_state_bytes_per_rank, zero_stage
+    model states per rank for ``model`` (built on the meta device)."""
+    from biomedgpt.train.engine import largest_layer_parameters, model_state_bytes_per_rank, zero_stage
 
     stage = zero_stage(ds_config)
-    memory = model_state_bytes_per_rank(parameters, stage, world_size, config.precision == "bf16")
+    parameters = sum(p.numel() for p in model.parameters())
+    memory = model_state_bytes_per_rank(
+        parameters, stage, world_size, config.precision == "bf16", largest_layer_parameters(model)
+    )
     lines = [
         "# resolved config",
         yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(),
@@ -212,7 +215,7 @@ def causal_lm_dry_run(config: Any, world_size: int) -> str:
         model = AutoModelForCausalLM.from_config(model_config(config))
     total = sum(p.numel() for p in model.parameters())
     model_line = f"{model.config.model_type}: {total:,} parameters, vocabulary {model.config.vocab_size:,}"
-    return plan_text(config, ds_config, world_size, total, [model_line])
+    return plan_text(config, ds_config, world_size, model, [model_line])
 
 
 def run_causal_lm(args: argparse.Namespace, config: Any) -> int:

@@ -268,7 +268,10 @@ class Trainer:
                 progress.close()
         if self.validator is not None and self.validator.best_value is not None:
             tracker.log_metrics({f"best/{self.validator.metric}": self.validator.best_value}, state.step)
-            tracker.set_tags({"best_step": self.validator.best_step, "best_model": str(self.validator.best_dir)})
+            tags = {"best_step": self.validator.best_step}
+            if self.validator.best_dir is not None:
+                tags["best_model"] = str(self.validator.best_dir)
+            tracker.set_tags(tags)
         tracker.finish(status)
         if status == "FINISHED":
             self._log("training finished at step %d; checkpoints in %s", state.step, self.checkpoint_dir)

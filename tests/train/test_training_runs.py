@@ -7,13 +7,11 @@ one MLflow run per job.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -23,10 +21,13 @@ from training_jobs import (
     DETERMINISTIC,
     SMALL,
     environment,
+    kill_job_after_step,
     losses,
     metric_records,
     mlflow_runs,
     run_training,
+    training_ranks,
+    wait_for_step,
 )
 
 from biomedgpt.demo import demo_overrides, prepare_demo_data
@@ -56,39 +57,11 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    path = run_dir / "ckpt" / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if path.is_file() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines() if x):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended (code {proc.returncode}) before step {step}")
-        time.sleep(0.5)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
-
-
 def crash_after_step(
     step: int, data_root: Path, run_dir: Path, steps: int, extra: list[str], store: Path | None = None
 ) -> None:
-    """Start a 2-rank job in a new ``run_dir`` and, once it has logged ``step``, crash it: the launcher and both ranks
-    at once, no chance to save. torchrun starts each rank in a session (and process group) of its own, so each group
-    is killed whole: a rank's Python resource tracker, left alive, would unlink the rank's shared memory as a crash
-    does not."""
-    run_dir.mkdir()
-    proc = subprocess.Popen(
-        command(data_root, run_dir, 2, steps, extra), env=environment(run_dir, store), cwd=run_dir,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    wait_for_step(run_dir, step, proc)
-    ranks = training_ranks(proc.pid)
-    assert len(ranks) == 2
-    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for rank in ranks:
-        os.killpg(rank.pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(job, timeout=60)
-    proc.wait(timeout=60)
+    """The demo job of ``command``, killed with SIGKILL once it has logged ``step`` (see training_jobs)."""
+    kill_job_after_step(command(data_root, run_dir, 2, steps, extra), run_dir, step, store)
 
 
 def runs_of(run_dir: Path, store: Path | None = None) -> list:
@@ -163,12 +136,6 @@ def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
     assert "could not be loaded" in rerun.stderr and "trying the previous one" in rerun.stderr
     assert re.search(r"resuming from .* at step 4", rerun.stdout)
     assert losses(killed_dir)[5] == pytest.approx(reference[5], rel=1e-5)
-
-
-def training_ranks(launcher_pid: int) -> list[psutil.Process]:
-    return [
-        p for p in psutil.Process(launcher_pid).children(recursive=True) if "biomedgpt.train" in " ".join(p.cmdline())
-    ]
 
 
 def start_stoppable_job(data_root: Path, run_dir: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:

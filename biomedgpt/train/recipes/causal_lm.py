@@ -47,13 +47,19 @@ def model_config(config: CausalLMTrainConfig) -> Any:
 
 
 def check_inputs(config: CausalLMTrainConfig) -> None:
-    """Before any process group: the token shards exist and were tokenized for this model's vocabulary."""
+    """Before any process group: the token shards (training and validation) exist, and the training rows were
+    tokenized for this model's vocabulary."""
     problems = []
     try:
         meta = token_shards_meta(str(config.data.train))
     except ValueError as error:
         meta = None
         problems.append(f"data.train={config.data.train}: {error}")
+    if config.validation.data:
+        try:
+            token_shards_meta(str(config.validation.data))
+        except ValueError as error:
+            problems.append(f"validation.data={config.validation.data}: {error}")
     if config.model.path is not None and not (Path(config.model.path) / "config.json").is_file():
         problems.append(f"model.path={config.model.path}: no config.json there (a Hugging Face model directory)")
     elif meta is not None:
@@ -86,12 +92,30 @@ class CausalLMForTraining(nn.Module):
         head.forward = types.MethodType(_head_forward, head)
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> Any:
+        if position_ids is not None:
+            # Packed documents (TokenCollator): without a mask, transformers keeps attention inside each run of
+            # restarting positions, the padding's run included, so no token sees another document.
+            attention_mask = None
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # use_cache=False: with a cache transformers would not read the packing
         loss = functools.partial(
             fused_loss_parts, target=labels[:, 1:], padding_idx=IGNORE_INDEX, chunk_size=self.chunk_size
         )
         return loss_output_from_parts(self.model.get_output_embeddings()(hidden[:, :-1], hidden_state_loss=loss))
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The collated batch's tensors :class:`CausalLMForTraining` takes, on ``device``."""
+    keys = ("input_ids", "attention_mask", "labels", "position_ids")
+    return {key: batch[key].to(device, non_blocking=True) for key in keys if key in batch}
 
 
 class CausalLMRecipe(Recipe):
@@ -144,16 +168,14 @@ class CausalLMRecipe(Recipe):
             shuffle_seed=data.seed,
             num_canonical_nodes=data.num_canonical_nodes,
         )
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        loader = make_loader(dataset, batch.micro_batch_size, TokenCollator(int(pad)), data.num_workers)
+        loader = make_loader(dataset, batch.micro_batch_size, self.collator(), data.num_workers)
         return DataPlan(dataset, loader, ["main"])
 
     def target_tokens(self, batch: Any, completed_steps: int) -> int:
         return int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
 
     def forward_loss(self, engine: Any, batch: Any, completed_steps: int, device: torch.device) -> StepLoss:
-        inputs = {key: batch[key].to(device, non_blocking=True) for key in ("input_ids", "attention_mask", "labels")}
-        out = engine(**inputs)
+        out = engine(**model_inputs(batch, device))
         return StepLoss(out.loss, out.per_example, out.per_example_tokens)
 
     def input_tokens(self, batch: Any) -> int:
@@ -166,6 +188,29 @@ class CausalLMRecipe(Recipe):
     def write_run_files(self, checkpoint_dir: Path, model: nn.Module) -> None:
         model.model.config.save_pretrained(checkpoint_dir)
         self.tokenizer.save_pretrained(checkpoint_dir / TOKENIZER_DIR)
+
+    def build_validator(self, rank: int, world_size: int, device: torch.device) -> Any | None:
+        from biomedgpt.train.perplexity import PerplexityValidator
+
+        section = self.config.validation
+        if not section.data:
+            return None
+        return PerplexityValidator(
+            section.data,
+            every_steps=section.every_steps,
+            max_steps=self.config.optim.max_steps,
+            batch_size=section.batch_size,
+            collator=self.collator(),
+            model_inputs=model_inputs,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            limit=section.limit,
+        )
+
+    def collator(self) -> TokenCollator:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return TokenCollator(int(pad), self.config.data.mask_documents)
 
     def tracking_tags(self) -> dict[str, str]:
         config = self.config.model

@@ -41,10 +41,28 @@ class TokenDataSection:
     num_canonical_nodes: int | None = 1
     num_workers: int = 0
     seed: int = 0
+    # Shards converted with --keep-document-ids: attention stays inside each document (positions restart there).
+    mask_documents: bool = True
 
     def __post_init__(self) -> None:
         if not self.train:
             raise ValueError("data.train must name token shards (biomedgpt-convert --kind documents --out DIR)")
+
+
+@dataclass
+class PerplexityValidationSection:
+    """Perplexity on held-out token rows (``biomedgpt-convert --kind documents`` of a held-out split)."""
+
+    data: str | None = None  # None: no validation
+    every_steps: int = 500  # and after the last step
+    limit: int | None = None  # validate on the first N rows only
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.batch_size < 1:
+            raise ValueError("validation.every_steps and validation.batch_size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"validation.limit={self.limit} must be >= 1 (or null for every row)")
 
 
 @dataclass
@@ -57,6 +75,7 @@ class CausalLMTrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     batch: BatchSection = field(default_factory=BatchSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: PerplexityValidationSection = field(default_factory=PerplexityValidationSection)
     ema: EmaSection = field(default_factory=EmaSection)
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="causal-lm"))
     precision: Literal["fp32", "bf16"] = "fp32"
