@@ -160,6 +160,42 @@ def test_missing_inputs_fail_the_job_before_srun(slurm_cluster, data_root, tmp_p
     assert "step finished" not in log and not (tmp_path / "ckpt").exists()
 
 
+def test_continued_pretrain_sbatch_runs_the_causal_lm_recipe(slurm_cluster, tmp_path):
+    """slurm/continued_pretrain.sbatch: with its defaults (CONFIG=continued_pretrain_7b, a model directory and token
+    shards not in place) the batch shell names both and starts nothing; with the tiny preset on token shards and a
+    held-out split it trains on 2 ranks to the end, validating perplexity."""
+    from transformers import LlamaTokenizer
+
+    from biomedgpt.data.documents import convert_documents
+
+    template = REPO / "slurm" / "continued_pretrain.sbatch"
+    default = tmp_path / "default"
+    job_id = sbatch(template, default, slurm_cluster, {"CHECKPOINT_DIR": str(default / "ckpt")})
+    fields, log = wait_for_job(default, job_id, timeout=180), log_of(default, job_id)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", log[-4000:]
+    assert "data.train=data/pmc_tokens: " in log and "model.path=models/Llama-2-7b-chat-hf: no config.json" in log
+    assert "step finished" not in log and not (default / "ckpt").exists()
+
+    tokenizer, assets = tmp_path / "tokenizer", REPO / "biomedgpt" / "assets" / "tokenizer"
+    LlamaTokenizer(vocab_file=str(assets / "spm.model"), legacy=False).save_pretrained(tokenizer)
+    texts = (assets / "corpus.txt").read_text().splitlines()[:60]
+    for name, lines in (("train", texts[:50]), ("valid", texts[50:])):
+        (tmp_path / f"{name}.txt").write_text(" ".join(lines))
+        convert_documents([tmp_path / f"{name}.txt"], tmp_path / name, tokenizer, seq_len=32, keep_document_ids=True)
+    overrides = [
+        f"data.train={tmp_path / 'train'}", f"data.tokenizer={tokenizer}", f"validation.data={tmp_path / 'valid'}",
+        "validation.every_steps=2", "optim.max_steps=4", "checkpoint.every_steps=2", "tracking.system_metrics=false",
+    ]  # fmt: skip
+    variables = {"CONFIG": "causal_lm_tiny", "OVERRIDES": " ".join(overrides), "CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+                 "CPU_PROCS_PER_NODE": "2"}  # fmt: skip
+    job_id = sbatch(template, tmp_path, slurm_cluster, variables)
+    fields, log = wait_for_job(tmp_path, job_id), log_of(tmp_path, job_id)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
+    assert "1 node(s) x 2 rank(s)" in log and "training finished at step 4" in log
+    assert re.search(r"validation at step 4: perplexity=[\d.]+", log), log[-3000:]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000004" and logged_steps(tmp_path) == {1, 2, 3, 4}
+
+
 def training_ranks(job_id: str) -> list[psutil.Process]:
     """The job's ranks on every node (the nodes share this machine's process table): torchrun's children."""
     ranks = []
