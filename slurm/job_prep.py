@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 RUN_ID_FILE = "mlflow_run_id"
+NOTHING_STARTED = "Nothing was started (no srun step, no MLflow run)."
 # Filesystem types (as /proc/mounts names them) shared between nodes over the network.
 NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "panfs", "afs",
@@ -149,31 +150,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from biomedgpt.config_utils import ConfigError
     from biomedgpt.train.config import load_run_config
-    from biomedgpt.train.preflight import InputError, check_inputs, demo_tokenizer_warning
 
     try:
         config = load_run_config(args.config, args.overrides)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"job_prep: config error: {error}", file=sys.stderr)
         return 2
-    if args.check_inputs and config.recipe == "causal_lm":
-        from biomedgpt.train.recipes.causal_lm import check_inputs as check_causal_lm_inputs
+    if args.check_inputs:
+        from biomedgpt.train.recipes import recipe_start_checks
 
         try:
-            check_causal_lm_inputs(config)
-        except (ValueError, OSError) as error:
-            print(f"job_prep: error: {error}. Nothing was started (no srun step, no MLflow run).", file=sys.stderr)
-            return 2
-    elif args.check_inputs:
-        try:
             # In the batch shell: the job fails here, before srun starts any rank.
-            check_inputs(config, hint="Nothing was started (no srun step, no MLflow run).")
-        except InputError as error:
+            warnings = recipe_start_checks(config.recipe)(config, hint=NOTHING_STARTED)
+        except (ValueError, OSError) as error:
             print(f"job_prep: error: {error}", file=sys.stderr)
             return 2
-        warning = demo_tokenizer_warning(config)
-        if warning and args.config != "demo":
-            print(f"job_prep: {warning}", file=sys.stderr)
+        if args.config != "demo":
+            for warning in warnings:
+                print(f"job_prep: {warning}", file=sys.stderr)
     checkpoint_dir = Path(config.checkpoint.dir).resolve()
     lines = {
         "checkpoint_dir": str(checkpoint_dir),

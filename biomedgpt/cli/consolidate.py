@@ -129,7 +129,7 @@ def _causal_lm_builder(source: str, train_config: Any) -> Any:
     from biomedgpt.checkpoint.model_formats import CausalLMFormat
 
     def build(tokenizer: Any) -> Any:
-        from biomedgpt.train.recipes.causal_lm import model_config
+        from biomedgpt.train.recipes.causal_lm_preflight import model_config
 
         return model_config(train_config)
 

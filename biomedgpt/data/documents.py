@@ -40,7 +40,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from biomedgpt.data.parquet_shards import ParquetShardWriter, ShardInfo, shard_basename, write_index
+from biomedgpt.data.parquet_shards import ParquetShardWriter, ShardInfo, read_index, shard_basename, write_index
 from biomedgpt.output_dirs import check_output_dir, replace_output_dir, staging_dir
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "DocumentSummary",
     "convert_documents",
     "document_files",
+    "token_shards_meta",
 ]
 
 TOOL = "biomedgpt-convert --kind documents"
@@ -383,3 +384,21 @@ def _failure(summary: DocumentSummary, max_reject_ratio: float) -> str | None:
             f"max_reject_ratio={max_reject_ratio}"
         )
     return None
+
+
+def token_shards_meta(directory: str) -> dict[str, Any]:
+    """The conversion settings of a token-shard directory (``seq_len``, ``tokenizer``, ``vocab_size``, ...); a
+    ValueError when the directory holds no such conversion."""
+    try:
+        meta = read_index(directory).get("biomedgpt", {})
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"no index.json of biomedgpt-convert there ({error}); convert raw documents with biomedgpt-convert "
+            f"--kind documents --out {directory}"
+        ) from error
+    if meta.get("kind") != "documents":
+        raise ValueError(
+            f"converted as {meta.get('kind')!r}, not as token rows; convert raw documents with biomedgpt-convert "
+            "--kind documents"
+        )
+    return meta

@@ -20,29 +20,11 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
-from biomedgpt.data.parquet_shards import read_index, register_parquet_reader
+from biomedgpt.data.parquet_shards import register_parquet_reader
 
-__all__ = ["IGNORE_INDEX", "TokenCollator", "TokenStream", "document_position_ids", "token_row", "token_shards_meta"]
+__all__ = ["IGNORE_INDEX", "TokenCollator", "TokenStream", "document_position_ids", "token_row"]
 
 IGNORE_INDEX = -100  # labels that no loss is computed for (padding)
-
-
-def token_shards_meta(directory: str) -> dict[str, Any]:
-    """The conversion settings of a token-shard directory (``seq_len``, ``tokenizer``, ``vocab_size``, ...); a
-    ValueError when the directory holds no such conversion."""
-    try:
-        meta = read_index(directory).get("biomedgpt", {})
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"no index.json of biomedgpt-convert there ({error}); convert raw documents with biomedgpt-convert "
-            f"--kind documents --out {directory}"
-        ) from error
-    if meta.get("kind") != "documents":
-        raise ValueError(
-            f"converted as {meta.get('kind')!r}, not as token rows; convert raw documents with biomedgpt-convert "
-            "--kind documents"
-        )
-    return meta
 
 
 class TokenStream(StreamingDataset):

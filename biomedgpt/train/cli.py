@@ -22,8 +22,7 @@ from typing import Any
 import yaml
 
 from biomedgpt.config_utils import ConfigError, config_to_dict
-from biomedgpt.train.config import TrainConfig, load_run_config, preset_paths
-from biomedgpt.train.preflight import check_inputs, demo_tokenizer_warning
+from biomedgpt.train.config import load_run_config, preset_paths
 
 # What torchrun sets for every rank (streaming needs LOCAL_WORLD_SIZE too); a plain start sets them for one rank.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -125,29 +124,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def dry_run(config: TrainConfig, world_size: int) -> str:
-    """The resolved config, DeepSpeed config, parameter counts and per-rank model-state memory, as text."""
-    import torch
-
-    from biomedgpt.model import BiomedGPTForConditionalGeneration, count_trainable_parameters
-    from biomedgpt.model.config import ORIGINAL_VOCAB_SIZE
+def dry_run(config: Any, world_size: int) -> str:
+    """The resolved config, DeepSpeed config, the model (built on the meta device: no weights are read) and per-rank
+    model-state memory, as text, for any recipe."""
     from biomedgpt.train.engine import resolve_deepspeed_config
-    from biomedgpt.train.recipes.biomedgpt import load_tokenizer, model_config_for
+    from biomedgpt.train.recipes import recipe_class
 
     # A dry run plans a GPU job from any machine: a bf16 config is not refused for lack of a local GPU.
     ds_config = resolve_deepspeed_config(config, world_size, cuda=True if config.precision == "bf16" else None)
-    notes = []
-    try:
-        vocab_size = len(load_tokenizer(config))
-    except (OSError, ValueError, RuntimeError) as error:  # planning before the files are in place (or damaged)
-        vocab_size = ORIGINAL_VOCAB_SIZE
-        notes.append(f"({error}; assuming the original {ORIGINAL_VOCAB_SIZE:,}-token vocabulary)")
-    with torch.device("meta"):
-        model = BiomedGPTForConditionalGeneration(model_config_for(config, vocab_size))
-    trainable = count_trainable_parameters(model)
-    total = sum(p.numel() for p in model.parameters())
-    model_line = f"size {config.model.size}: {total:,} parameters ({trainable:,} trainable), vocabulary {vocab_size:,}"
-    return plan_text(config, ds_config, world_size, model, [model_line, *notes])
+    model, model_lines = recipe_class(config.recipe).plan_model(config)
+    return plan_text(config, ds_config, world_size, model, model_lines)
 
 
 def plan_text(config: Any, ds_config: dict[str, Any], world_size: int, model: Any, model_lines: list[str]) -> str:
@@ -174,11 +160,11 @@ def plan_text(config: Any, ds_config: dict[str, Any], world_size: int, model: An
     return "\n".join(lines)
 
 
-def warn_demo_tokenizer(source: str, config: TrainConfig) -> None:
-    """Loudly, for an opted-in demo-tokenizer run; the demo preset itself is what that tokenizer is for."""
-    warning = demo_tokenizer_warning(config)
-    if warning and source != "demo":
-        print(f"biomedgpt-train: {warning}", file=sys.stderr, flush=True)
+def show_warnings(source: str, warnings: list[str]) -> None:
+    """The start check's warnings, loudly; the demo preset's own demo tokenizer is what that tokenizer is for."""
+    if source != "demo":
+        for warning in warnings:
+            print(f"biomedgpt-train: {warning}", file=sys.stderr, flush=True)
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -201,43 +187,6 @@ def log_progress_to_stdout() -> None:
     project.propagate = False
 
 
-def causal_lm_dry_run(config: Any, world_size: int) -> str:
-    """The ``causal_lm`` recipe's plan: resolved config, DeepSpeed config, parameters and model-state memory per
-    rank, from the model's config alone (built on the meta device: no weights are read)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from biomedgpt.train.engine import resolve_deepspeed_config
-    from biomedgpt.train.recipes.causal_lm import model_config
-
-    ds_config = resolve_deepspeed_config(config, world_size, cuda=True if config.precision == "bf16" else None)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config(config))
-    total = sum(p.numel() for p in model.parameters())
-    model_line = f"{model.config.model_type}: {total:,} parameters, vocabulary {model.config.vocab_size:,}"
-    return plan_text(config, ds_config, world_size, model, [model_line])
-
-
-def run_causal_lm(args: argparse.Namespace, config: Any) -> int:
-    """``biomedgpt-train`` for a ``causal_lm`` run config: its start checks, dry run or training."""
-    from biomedgpt.train.recipes.causal_lm import check_inputs as check_causal_lm_inputs
-
-    try:
-        if args.dry_run:
-            world_size = dry_run_world_size(args.world_size)
-            if not args.allow_missing_data:
-                check_causal_lm_inputs(config)
-            print(causal_lm_dry_run(config, world_size))
-            return 0
-        check_causal_lm_inputs(config)  # before the process group: a wrong path fails in seconds
-        if single_rank_environment(os.environ):
-            print(f"biomedgpt-train: {SINGLE_RANK_NOTE}", file=sys.stderr, flush=True)
-    except (ValueError, OSError) as error:
-        print(f"biomedgpt-train: error: {error}", file=sys.stderr)
-        return 2
-    return train(config)
-
-
 def train(config: Any) -> int:
     from biomedgpt.train.checkpointing import ResumeError
     from biomedgpt.train.trainer import Trainer
@@ -254,26 +203,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_run_config(args.config, args.overrides)
-        if config.recipe == "causal_lm":
-            return run_causal_lm(args, config)
+        from biomedgpt.train.recipes import recipe_start_checks
+
+        start_checks = recipe_start_checks(config.recipe)
         if args.dry_run:
             world_size = dry_run_world_size(args.world_size)
-            check_inputs(config, allow_missing=args.allow_missing_data, hint=PLANNING_HINT)
-            warn_demo_tokenizer(args.config, config)
+            show_warnings(args.config, start_checks(config, allow_missing=args.allow_missing_data, hint=PLANNING_HINT))
             print(dry_run(config, world_size))
             return 0
         # Before the process group and DeepSpeed's op builds: a wrong path fails in seconds, not minutes.
-        check_inputs(config, hint=START_HINT)
-        from biomedgpt.train.engine import check_attention_backend
+        warnings = start_checks(config, hint=START_HINT)
+        from biomedgpt.train.recipes import recipe_class
 
-        check_attention_backend(config)
+        recipe_class(config.recipe).check_environment(config)
         if single_rank_environment(os.environ):
             print(f"biomedgpt-train: {SINGLE_RANK_NOTE}", file=sys.stderr, flush=True)
         from biomedgpt.runtime.launcher_env import detect_distributed_env
 
         if detect_distributed_env().rank == 0:
-            warn_demo_tokenizer(args.config, config)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+            show_warnings(args.config, warnings)
+    except (ConfigError, ValueError, OSError) as error:  # OSError: a model directory transformers cannot read
         print(f"biomedgpt-train: error: {error}", file=sys.stderr)
         return 2
     return train(config)

@@ -298,3 +298,11 @@ def demo_tokenizer_warning(config: TrainConfig) -> str | None:
         "original 59,457-id vocabulary; the model matches no published BiomedGPT checkpoint and cannot load one. "
         f"For real runs set data.tokenizer to {GPT2_BPE_ADVICE}."
     )
+
+
+def start_checks(config: TrainConfig, *, allow_missing: bool = False, hint: str = "") -> list[str]:
+    """The BiomedGPT recipe's start check (see :data:`biomedgpt.train.recipes.RECIPES`): :func:`check_inputs`, and
+    the warnings to show (an opted-in demo tokenizer)."""
+    check_inputs(config, allow_missing=allow_missing, hint=hint)
+    warning = demo_tokenizer_warning(config)
+    return [warning] if warning else []

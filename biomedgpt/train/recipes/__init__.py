@@ -7,6 +7,7 @@ dependencies.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,17 +18,28 @@ DEFAULT_RECIPE = "biomedgpt"
 
 @dataclass(frozen=True)
 class RecipeEntry:
-    """Where a recipe's run config dataclass and its :class:`Recipe` live, as ``module:attribute``."""
+    """Where a recipe's run config dataclass, its :class:`Recipe` and its start check live, as ``module:attribute``.
+
+    The start check, ``(config, *, allow_missing=False, hint="") -> list[str]``, runs before any process group (and in
+    SLURM's batch shell, so its module is light): a ValueError naming every unusable input, ``hint`` ending the
+    message; with ``allow_missing`` (planning) the problems are reported instead. It returns warnings to show.
+    """
 
     config: str
     recipe: str
+    start_checks: str
 
 
 RECIPES: dict[str, RecipeEntry] = {
-    "biomedgpt": RecipeEntry("biomedgpt.train.config:TrainConfig", "biomedgpt.train.recipes.biomedgpt:BiomedGPTRecipe"),
+    "biomedgpt": RecipeEntry(
+        "biomedgpt.train.config:TrainConfig",
+        "biomedgpt.train.recipes.biomedgpt:BiomedGPTRecipe",
+        "biomedgpt.train.preflight:start_checks",
+    ),
     "causal_lm": RecipeEntry(
         "biomedgpt.train.recipes.causal_lm_config:CausalLMTrainConfig",
         "biomedgpt.train.recipes.causal_lm:CausalLMRecipe",
+        "biomedgpt.train.recipes.causal_lm_preflight:start_checks",
     ),
 }
 
@@ -41,6 +53,7 @@ __all__ = [
     "build_recipe",
     "recipe_class",
     "recipe_config_class",
+    "recipe_start_checks",
 ]
 
 
@@ -62,6 +75,11 @@ def recipe_config_class(name: str) -> type:
 
 def recipe_class(name: str) -> type[Recipe]:
     return _load(_entry(name).recipe)
+
+
+def recipe_start_checks(name: str) -> Callable[..., list[str]]:
+    """The start check of recipe ``name`` (light: see :class:`RecipeEntry`)."""
+    return _load(_entry(name).start_checks)
 
 
 def build_recipe(config: Any) -> Recipe:

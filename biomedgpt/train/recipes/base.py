@@ -52,6 +52,17 @@ class Recipe(ABC):
         self.config = config
         self.tokenizer = self.build_tokenizer()
 
+    @classmethod
+    @abstractmethod
+    def plan_model(cls, config: Any) -> tuple[torch.nn.Module, list[str]]:
+        """For ``--dry-run``, offline: the model built on the meta device (no weights read, no memory) and the lines
+        that describe it (family, parameters, vocabulary, notes)."""
+
+    @classmethod
+    def check_environment(cls, config: Any) -> None:
+        """Before any process group: a ValueError when this machine cannot run ``config`` (default: nothing)."""
+        return None
+
     @abstractmethod
     def build_tokenizer(self) -> Any:
         """The tokenizer of the run (also written beside the checkpoints); built by the constructor."""

@@ -152,6 +152,28 @@ class BiomedGPTRecipe(Recipe):
     def build_tokenizer(self) -> BiomedGPTTokenizer:
         return load_tokenizer(self.config)
 
+    @classmethod
+    def plan_model(cls, config: TrainConfig) -> tuple[torch.nn.Module, list[str]]:
+        from biomedgpt.model import count_trainable_parameters
+        from biomedgpt.model.config import ORIGINAL_VOCAB_SIZE
+
+        notes = []
+        try:
+            vocab_size = len(load_tokenizer(config))
+        except (OSError, ValueError, RuntimeError) as error:  # planning before the files are in place (or damaged)
+            vocab_size = ORIGINAL_VOCAB_SIZE
+            notes.append(f"({error}; assuming the original {ORIGINAL_VOCAB_SIZE:,}-token vocabulary)")
+        with torch.device("meta"):
+            model = BiomedGPTForConditionalGeneration(model_config_for(config, vocab_size))
+        trainable = count_trainable_parameters(model)
+        total = sum(p.numel() for p in model.parameters())
+        line = f"size {config.model.size}: {total:,} parameters ({trainable:,} trainable), vocabulary {vocab_size:,}"
+        return model, [line, *notes]
+
+    @classmethod
+    def check_environment(cls, config: TrainConfig) -> None:
+        check_attention_backend(config)
+
     def build_model(self, ds_config: Mapping[str, Any]) -> torch.nn.Module:
         return build_model(self.config, self.tokenizer, ds_config)
 

@@ -25,52 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from biomedgpt.checkpoint.layout import TOKENIZER_DIR
-from biomedgpt.data.token_stream import IGNORE_INDEX, TokenCollator, TokenStream, token_shards_meta
+from biomedgpt.data.token_stream import IGNORE_INDEX, TokenCollator, TokenStream
 from biomedgpt.train.decoder_flops import decoder_forward_flops
 from biomedgpt.train.engine import zero_stage
 from biomedgpt.train.fused_loss import fused_loss_parts, loss_output_from_parts
 from biomedgpt.train.recipes.base import DataPlan, Recipe, StepLoss
 from biomedgpt.train.recipes.causal_lm_config import CausalLMTrainConfig
+from biomedgpt.train.recipes.causal_lm_preflight import model_config
 
-__all__ = ["CausalLMForTraining", "CausalLMRecipe", "check_inputs", "model_config"]
-
-
-def model_config(config: CausalLMTrainConfig) -> Any:
-    """The transformers config of the run's model (read from ``model.path`` or built from ``model.config``)."""
-    from transformers import AutoConfig
-
-    section = config.model
-    if section.path is not None:
-        return AutoConfig.from_pretrained(section.path)
-    settings = dict(section.config or {})
-    return AutoConfig.for_model(settings.pop("model_type"), **settings)
-
-
-def check_inputs(config: CausalLMTrainConfig) -> None:
-    """Before any process group: the token shards (training and validation) exist, and the training rows were
-    tokenized for this model's vocabulary."""
-    problems = []
-    try:
-        meta = token_shards_meta(str(config.data.train))
-    except ValueError as error:
-        meta = None
-        problems.append(f"data.train={config.data.train}: {error}")
-    if config.validation.data:
-        try:
-            token_shards_meta(str(config.validation.data))
-        except ValueError as error:
-            problems.append(f"validation.data={config.validation.data}: {error}")
-    if config.model.path is not None and not (Path(config.model.path) / "config.json").is_file():
-        problems.append(f"model.path={config.model.path}: no config.json there (a Hugging Face model directory)")
-    elif meta is not None:
-        vocab = int(getattr(model_config(config), "vocab_size", 0))
-        if int(meta.get("vocab_size", 0)) > vocab:
-            problems.append(
-                f"data.train={config.data.train} was tokenized with {meta.get('tokenizer')} ({meta.get('vocab_size')} "
-                f"ids) but the model has vocab_size={vocab}; convert with the model's tokenizer"
-            )
-    if problems:
-        raise ValueError("; ".join(problems))
+__all__ = ["CausalLMForTraining", "CausalLMRecipe", "model_inputs"]
 
 
 def _head_forward(self: nn.Linear, hidden: torch.Tensor, hidden_state_loss: Any = None) -> Any:
@@ -127,6 +90,15 @@ class CausalLMRecipe(Recipe):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.config.data.tokenizer or self.config.model.path)
+
+    @classmethod
+    def plan_model(cls, config: CausalLMTrainConfig) -> tuple[nn.Module, list[str]]:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config(config))
+        total = sum(p.numel() for p in model.parameters())
+        return model, [f"{model.config.model_type}: {total:,} parameters, vocabulary {model.config.vocab_size:,}"]
 
     def build_model(self, ds_config: Mapping[str, Any]) -> nn.Module:
         from transformers import AutoModelForCausalLM
