@@ -27,6 +27,12 @@ Kind ``documents`` (causal-LM training) reads raw documents instead of a TSV: JS
 with an EOS between documents (``--keep-document-ids`` adds each token's document number), or, with ``--truncate``,
 one row per document cut to ``--seq-len``. Empty, non-UTF-8 and unreadable documents are counted and written to
 OUT/rejects.jsonl as for TSVs (biomedgpt/data/documents.py).
+
+Kind ``conversations`` (vision-language chat training) reads LLaVA conversation JSON (an array or JSON lines of
+``{{id, image, conversations: [{{from: human|gpt, value}}]}}``), images by path (``--image-folder``) or embedded as
+base64, PNG/JPEG/DICOM, and writes the image bytes into the shards. Records with a missing or unreadable image, a
+missing or extra ``<image>`` tag, or empty or out-of-order turns are counted and written to OUT/rejects.jsonl
+(biomedgpt/data/conversations.py).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from biomedgpt.data.schema import DEFAULT_MAX_FIELD_CHARS, DEFAULT_MAX_IMAGE_BYT
 from biomedgpt.output_dirs import OutputDirError
 
 DOCUMENTS_KIND = "documents"
+CONVERSATIONS_KIND = "conversations"
 
 
 def _layouts() -> str:
@@ -71,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--kind",
         required=True,
-        choices=[*KINDS, DOCUMENTS_KIND],
+        choices=[*KINDS, DOCUMENTS_KIND, CONVERSATIONS_KIND],
         metavar="KIND",
-        help=f"column layout: {', '.join(KINDS)}; or {DOCUMENTS_KIND} (raw documents to token rows)",
+        help=f"column layout: {', '.join(KINDS)}; or {DOCUMENTS_KIND} (raw documents to token rows), or "
+        f"{CONVERSATIONS_KIND} (LLaVA conversation JSON with images)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (shards, index.json, ...)")
     parser.add_argument(
@@ -145,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ROWS_PER_SHARD,
         metavar="N",
         help=f"token rows per shard (default {DEFAULT_ROWS_PER_SHARD})",
+    )
+    conversations = parser.add_argument_group("kind conversations (LLaVA conversation JSON -> shards with images)")
+    conversations.add_argument(
+        "--image-folder", metavar="DIR", help="folder that the records' relative image paths start from"
     )
     prepare = parser.add_argument_group(
         "image preparation (off unless one of these is given; docs/benchmarks.md: data pipeline)",
@@ -252,11 +264,46 @@ def _convert_documents(parser: argparse.ArgumentParser, args: argparse.Namespace
     return 0
 
 
+def _convert_conversations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from biomedgpt.data.conversations import ConversationConversionError, convert_conversations
+
+    try:
+        summary = convert_conversations(
+            [args.input],
+            args.out,
+            image_folder=args.image_folder,
+            row_group_rows=args.row_group_rows,
+            max_reject_ratio=args.max_reject_ratio,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except ConversationConversionError as exc:
+        if exc.summary is None:
+            parser.exit(2, f"biomedgpt-convert: error: {exc}\n")
+        print(f"biomedgpt-convert: error: {exc}", file=sys.stderr)
+        return 1
+    except OutputDirError as exc:
+        parser.exit(2, f"biomedgpt-convert: error: {exc}\n")
+    rejected = sum(summary.rejected.values())
+    print(
+        f"{args.input} -> {args.out} (conversations): {summary.records_read} records read, {summary.records_kept} "
+        f"kept ({summary.with_image} with an image, {summary.turns} turns), {rejected} rejected; "
+        f"{summary.shards} shards"
+    )
+    for reason, count in summary.rejected.items():
+        print(f"  {reason:<24}  {count}")
+    if rejected:
+        print(f"  details: {args.out}/rejects.jsonl")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.kind == DOCUMENTS_KIND:
         return _convert_documents(parser, args)
+    if args.kind == CONVERSATIONS_KIND:
+        return _convert_conversations(parser, args)
     try:
         preparation = ImagePreparation(
             args.max_image_side, args.max_shorter_side, args.image_encoding, args.jpeg_quality

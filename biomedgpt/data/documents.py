@@ -40,7 +40,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from biomedgpt.data.parquet_shards import ParquetShardWriter, ShardInfo, read_index, shard_basename, write_index
+from biomedgpt.data.parquet_shards import ShardSink, read_index, write_index
 from biomedgpt.output_dirs import check_output_dir, replace_output_dir, staging_dir
 
 __all__ = [
@@ -226,29 +226,6 @@ def _load_tokenizer(tokenizer: str | os.PathLike[str] | Any) -> tuple[Any, int, 
     return tokenizer, int(tokenizer.eos_token_id), str(name)
 
 
-class _ShardSink:
-    """Rows -> shards of at most ``rows_per_shard`` rows in ``directory``."""
-
-    def __init__(self, directory: Path, schema: pa.Schema, rows_per_shard: int, row_group_rows: int) -> None:
-        self.directory, self.schema = directory, schema
-        self.rows_per_shard, self.row_group_rows = rows_per_shard, row_group_rows
-        self.shards: list[ShardInfo] = []
-        self.writer: ParquetShardWriter | None = None
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.writer is None:
-            path = self.directory / shard_basename(len(self.shards))
-            self.writer = ParquetShardWriter(str(path), self.schema, row_group_rows=self.row_group_rows)
-        self.writer.write(row)
-        if self.writer.samples >= self.rows_per_shard:
-            self.close()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.shards.append(self.writer.close())
-            self.writer = None
-
-
 def convert_documents(
     inputs: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -287,7 +264,7 @@ def convert_documents(
         fields.append(pa.field("document_ids", pa.list_(pa.int32())))
     fields.append(pa.field("source_line", pa.int64()))
     staging = staging_dir(out)
-    sink = _ShardSink(staging, pa.schema(fields), rows_per_shard, row_group_rows)
+    sink = ShardSink(staging, pa.schema(fields), rows_per_shard, row_group_rows)
     rejected: Counter[str] = Counter()
     pending: list[int] = []  # pack: tokens not yet in a row
     pending_docs: list[int] = []

@@ -45,6 +45,8 @@ __all__ = [
     "INDEX_BASENAME",
     "ParquetShardWriter",
     "ShardInfo",
+    "ShardSink",
+    "iter_rows",
     "read_index",
     "register_parquet_reader",
     "shard_basename",
@@ -192,6 +194,29 @@ class ParquetShardWriter:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class ShardSink:
+    """Rows -> shards of at most ``rows_per_shard`` rows in ``directory`` (``shards`` lists those closed)."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, rows_per_shard: int, row_group_rows: int) -> None:
+        self.directory, self.schema = directory, schema
+        self.rows_per_shard, self.row_group_rows = rows_per_shard, row_group_rows
+        self.shards: list[ShardInfo] = []
+        self.writer: ParquetShardWriter | None = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            path = self.directory / shard_basename(len(self.shards))
+            self.writer = ParquetShardWriter(str(path), self.schema, row_group_rows=self.row_group_rows)
+        self.writer.write(row)
+        if self.writer.samples >= self.rows_per_shard:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.shards.append(self.writer.close())
+            self.writer = None
 
 
 def shard_index_entry(info: ShardInfo) -> dict[str, Any]:
