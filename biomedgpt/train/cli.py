@@ -143,8 +143,9 @@ def plan_text(config: Any, ds_config: dict[str, Any], world_size: int, model: An
 
     stage = zero_stage(ds_config)
     parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     memory = model_state_bytes_per_rank(
-        parameters, stage, world_size, config.precision == "bf16", largest_layer_parameters(model)
+        parameters, stage, world_size, config.precision == "bf16", largest_layer_parameters(model), trainable
     )
     lines = [
         "# resolved config",

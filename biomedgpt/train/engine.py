@@ -188,14 +188,20 @@ def initialize_engine(config: Any, context: DistributedContext, recipe: Any) -> 
 
 
 def model_state_bytes_per_rank(
-    num_parameters: int, stage: int, world_size: int, bf16: bool, largest_layer_parameters: int = 0
+    num_parameters: int,
+    stage: int,
+    world_size: int,
+    bf16: bool,
+    largest_layer_parameters: int = 0,
+    trainable_parameters: int | None = None,
 ) -> dict[str, float]:
     """Memory of model states per rank (weights, gradients, Adam moments + fp32 master copy), ZeRO paper terms.
 
     bf16: 2 B weights + 2 B grads + 12 B optimizer (fp32 master, m, v); fp32: 4 + 4 + 8. Under ZeRO-3 as
     DeepSpeed's ``estimate_zero3_model_states_mem_needs`` counts it: a bf16 run keeps its reduced gradient partition
     in fp32 for the optimizer (4 B, so 18 B per parameter in all), and the largest layer is gathered whole with its
-    gradient while it computes (``largest_layer_parameters`` x twice the weight bytes).
+    gradient while it computes (``largest_layer_parameters`` x twice the weight bytes). Gradients and optimizer
+    states exist for the ``trainable_parameters`` only (default: all).
     """
     weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)
     if stage >= 3 and bf16:
@@ -203,8 +209,9 @@ def model_state_bytes_per_rank(
     n = float(num_parameters)
     shard = max(world_size, 1)
     weights = n * weight / (shard if stage >= 3 else 1)
-    grads = n * grad / (shard if stage >= 2 else 1)
-    optimizer = n * optim / (shard if stage >= 1 else 1)
+    trained = float(num_parameters if trainable_parameters is None else trainable_parameters)
+    grads = trained * grad / (shard if stage >= 2 else 1)
+    optimizer = trained * optim / (shard if stage >= 1 else 1)
     memory = {"weights": weights, "gradients": grads, "optimizer": optimizer}
     if stage >= 3:
         memory["largest layer gathered"] = float(largest_layer_parameters * 2 * weight)

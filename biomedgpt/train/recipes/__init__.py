@@ -41,6 +41,11 @@ RECIPES: dict[str, RecipeEntry] = {
         "biomedgpt.train.recipes.causal_lm:CausalLMRecipe",
         "biomedgpt.train.recipes.causal_lm_preflight:start_checks",
     ),
+    "vision_chat": RecipeEntry(
+        "biomedgpt.train.recipes.vision_chat_config:VisionChatTrainConfig",
+        "biomedgpt.train.recipes.vision_chat:VisionChatRecipe",
+        "biomedgpt.train.recipes.vision_chat_preflight:start_checks",
+    ),
 }
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # annotations only: loading a run config (which reads the recipe registry) must not import torch
     import torch
 
-__all__ = ["DataPlan", "Recipe", "StepLoss"]
+__all__ = ["DataPlan", "Recipe", "StepLoss", "report_problems"]
 
 
 @dataclass
@@ -115,3 +115,11 @@ class Recipe(ABC):
     def build_validator(self, rank: int, world_size: int, device: torch.device) -> Any | None:
         """A periodic validation (``due``, ``missed``, ``run``, ``state_dict``, ...) or None."""
         return None
+
+
+def report_problems(problems: list[str], allow_missing: bool, hint: str) -> list[str]:
+    """A start check's verdict on ``problems``: a ValueError naming them all (``hint`` ends it), or with
+    ``allow_missing`` (planning) the problems as warnings to show."""
+    if problems and not allow_missing:
+        raise ValueError("; ".join(problems) + (f". {hint}" if hint else ""))
+    return [f"warning: {problem} (planning anyway: --allow-missing-data)" for problem in problems]

@@ -69,6 +69,10 @@ class CausalLMForTraining(nn.Module):
         hidden = self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # use_cache=False: with a cache transformers would not read the packing
+        return self.loss_of_hidden(hidden, labels)
+
+    def loss_of_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> Any:
+        """The summed next-token loss of the final hidden states [B, T, H] against ``labels`` [B, T]."""
         loss = functools.partial(
             fused_loss_parts, target=labels[:, 1:], padding_idx=IGNORE_INDEX, chunk_size=self.chunk_size
         )

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from biomedgpt.train.config import BatchSection, CheckpointSection, EmaSection, OptimSection, TrackingSection
+from biomedgpt.train.config import TrackingSection
+from biomedgpt.train.recipes.run_settings import RunSettings
 
 
 @dataclass
@@ -50,52 +51,17 @@ class TokenDataSection:
 
 
 @dataclass
-class PerplexityValidationSection:
-    """Perplexity on held-out token rows (``biomedgpt-convert --kind documents`` of a held-out split)."""
-
-    data: str | None = None  # None: no validation
-    every_steps: int = 500  # and after the last step
-    limit: int | None = None  # validate on the first N rows only
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 1 or self.batch_size < 1:
-            raise ValueError("validation.every_steps and validation.batch_size must be >= 1")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"validation.limit={self.limit} must be >= 1 (or null for every row)")
-
-
-@dataclass
-class CausalLMTrainConfig:
+class CausalLMTrainConfig(RunSettings):
     """The run config of the ``causal_lm`` recipe."""
 
     recipe: Literal["causal_lm"] = "causal_lm"
     model: CausalLMModelSection = field(default_factory=lambda: CausalLMModelSection(config={"model_type": "llama"}))
     data: TokenDataSection = field(default_factory=lambda: TokenDataSection(train="data/tokens"))
-    optim: OptimSection = field(default_factory=OptimSection)
-    batch: BatchSection = field(default_factory=BatchSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    validation: PerplexityValidationSection = field(default_factory=PerplexityValidationSection)
-    ema: EmaSection = field(default_factory=EmaSection)
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="causal-lm"))
-    precision: Literal["fp32", "bf16"] = "fp32"
-    deepspeed_config: str = "zero3_cpu.json"
-    log_every_steps: int = 1
-    peak_tflops: float | None = None
-    seed: int = 0
-    dist_timeout_minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.model.path is None and self.data.tokenizer is None:
             raise ValueError(
                 "a model built from model.config needs data.tokenizer (a Hugging Face tokenizer directory)"
             )
-        unsupported = {
-            "optim.drop_worst_ratio": self.optim.drop_worst_ratio != 0.0,
-            "optim.fused_loss": self.optim.fused_loss,  # the loss is always chunked here (model.loss_chunk_size)
-        }
-        named = [key for key, used in unsupported.items() if used]
-        if named:
-            raise ValueError(f"{', '.join(named)}: BiomedGPT settings the causal_lm recipe does not take")
-        if self.log_every_steps < 1:
-            raise ValueError("log_every_steps must be >= 1")
+        self.check_run_settings(self.recipe)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from biomedgpt.data.documents import token_shards_meta
+from biomedgpt.train.recipes.base import report_problems
 from biomedgpt.train.recipes.causal_lm_config import CausalLMTrainConfig
 
 __all__ = ["check_inputs", "model_config", "start_checks"]
@@ -52,9 +53,5 @@ def check_inputs(config: CausalLMTrainConfig) -> list[str]:
 
 
 def start_checks(config: CausalLMTrainConfig, *, allow_missing: bool = False, hint: str = "") -> list[str]:
-    """The recipe's start check (see :data:`biomedgpt.train.recipes.RECIPES`): a ValueError naming every problem
-    (``hint`` ends it), or with ``allow_missing`` (planning) the problems as warnings."""
-    problems = check_inputs(config)
-    if problems and not allow_missing:
-        raise ValueError("; ".join(problems) + (f". {hint}" if hint else ""))
-    return [f"warning: {problem} (planning anyway: --allow-missing-data)" for problem in problems]
+    """The recipe's start check (see :data:`biomedgpt.train.recipes.RECIPES`)."""
+    return report_problems(check_inputs(config), allow_missing, hint)

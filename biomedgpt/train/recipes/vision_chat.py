@@ -1,0 +1,230 @@
+"""Vision-language chat models on the training core (LLaVA / LLaVA-Med / Vision-BioLLM): a CLIP or SigLIP vision
+tower, a projector and a causal LM as transformers' ``LlavaForConditionalGeneration``
+(:mod:`biomedgpt.model.vision_chat`), trained stage by stage with the parameters ``model.trainable`` names and the
+rest frozen (the vision tower always): ``vlm_align`` trains the projector alone on captions (LLaVA-1.5 stage 1).
+
+Loss: next-token cross entropy on the assistant's tokens only (the chat template's labels), computed in chunks inside
+the output projection as for the causal LM (:class:`~biomedgpt.train.recipes.causal_lm.CausalLMForTraining`).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from biomedgpt.checkpoint.layout import TOKENIZER_DIR
+from biomedgpt.data.chat_templates import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from biomedgpt.model.vision_chat import (
+    build_vision_chat_model,
+    image_feature_count,
+    load_parts,
+    vision_chat_config,
+)
+from biomedgpt.train.decoder_flops import decoder_forward_flops
+from biomedgpt.train.engine import zero_stage
+from biomedgpt.train.recipes.base import DataPlan, Recipe, StepLoss
+from biomedgpt.train.recipes.causal_lm import CausalLMForTraining
+from biomedgpt.train.recipes.vision_chat_config import PROJECTOR_PREFIX, VisionChatTrainConfig
+
+__all__ = ["VisionChatForTraining", "VisionChatRecipe", "apply_trainable"]
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+class VisionChatForTraining(CausalLMForTraining):
+    """The Llava model (``.model``) with the chunked next-token loss; images go in as ``pixel_values``."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+    ) -> Any:
+        return self.loss_of_hidden(
+            self.model.model(  # LlavaModel: the tower, the projector and the LM without its head
+                input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False
+            ).last_hidden_state,
+            labels,
+        )
+
+
+def apply_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Freeze every parameter but those whose name matches one of ``patterns``; returns the trainable names. A
+    pattern that matches nothing is an error naming it (a misspelt pattern would silently train nothing)."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        parts = sorted({".".join(n.split(".")[:2]) for n in names})
+        raise ValueError(f"model.trainable patterns {unmatched} match no parameter (the model's parts: {parts})")
+    trainable = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+        if parameter.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def vision_flops(config: Any, images: int) -> int:
+    """Matmul FLOPs of the vision tower over ``images`` (projections, MLP and attention of every layer; the patch
+    embedding and norms are left out, as for the LM)."""
+    hidden, ffn = int(config.hidden_size), int(config.intermediate_size)
+    tokens = (int(config.image_size) // int(config.patch_size)) ** 2 + 1
+    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * tokens * tokens * hidden
+    return images * int(config.num_hidden_layers) * per_layer
+
+
+class VisionChatRecipe(Recipe):
+    name = "vision_chat"
+
+    config: VisionChatTrainConfig
+
+    def build_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.config.data.tokenizer or self.config.model.language)
+        if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+        return tokenizer
+
+    @classmethod
+    def model_config(cls, config: VisionChatTrainConfig, image_token_id: int) -> Any:
+        section = config.model
+        return vision_chat_config(
+            section.vision or dict(section.vision_config or {}),
+            section.language or dict(section.language_config or {}),
+            image_token_id=image_token_id,
+            feature_layer=section.feature_layer,
+            select=section.select,
+        )
+
+    @classmethod
+    def plan_model(cls, config: VisionChatTrainConfig) -> tuple[nn.Module, list[str]]:
+        language = config.model.language_config or {}
+        model_config = cls.model_config(config, image_token_id=int(language.get("vocab_size", 32000)) - 1)
+        with torch.device("meta"):
+            model = build_vision_chat_model(model_config, config.model.projector)
+        trainable = apply_trainable(model, config.model.trainable)
+        total = sum(p.numel() for p in model.parameters())
+        count = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
+        return model, [f"llava ({config.model.projector}): {total:,} parameters, {count:,} trainable"]
+
+    def build_model(self, ds_config: Mapping[str, Any]) -> nn.Module:
+        section = self.config.model
+        image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        config = self.model_config(self.config, image_token_id)
+        config.text_config._attn_implementation = section.attn_implementation
+        config.vision_config._attn_implementation = section.attn_implementation
+        if zero_stage(dict(ds_config)) == 3:
+            if section.vision or section.language:
+                raise ValueError(
+                    "loading the vision tower or language model from a directory under ZeRO-3 is not supported yet: "
+                    "train this stage with a ZeRO-2 deepspeed_config (zero2_cpu.json, zero2_bf16.json)"
+                )
+            import deepspeed
+
+            with deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(dict(ds_config))):
+                model = build_vision_chat_model(config, section.projector)
+        else:
+            model = build_vision_chat_model(config, section.projector)
+            load_parts(model, section.vision, section.language)
+        if len(self.tokenizer) > config.text_config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} ids (with {IMAGE_PLACEHOLDER}) but the language model has "
+                f"vocab_size={config.text_config.vocab_size}; give a language model whose vocabulary holds it"
+            )
+        apply_trainable(model, section.trainable)
+        if section.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return VisionChatForTraining(model, section.loss_chunk_size)
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        # The projector may learn at its own rate (LLaVA-1.5 stage 2: 2e-5 beside LoRA's 2e-4); no weight decay on
+        # biases and norms.
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                shape = getattr(parameter, "ds_shape", parameter.shape)
+                key = (name.startswith("model." + PROJECTOR_PREFIX), len(shape) >= 2)
+                groups.setdefault(key, []).append(parameter)
+        out = []
+        projector_lr = self.config.model.projector_lr or self.config.optim.lr
+        for (projector, decayed), parameters in sorted(groups.items()):
+            group: dict[str, Any] = {"params": parameters, "lr": projector_lr if projector else self.config.optim.lr}
+            if not decayed:
+                group["weight_decay"] = 0.0
+            out.append(group)
+        return out
+
+    def image_processor(self) -> Any:
+        from biomedgpt.data.vision_chat import image_processor_for
+
+        section = self.config.model
+        vision = section.vision or dict(section.vision_config or {})
+        size = int((section.vision_config or {}).get("image_size", 224))
+        return image_processor_for(vision, size)
+
+    def build_data(self) -> DataPlan:
+        from biomedgpt.data.pipeline import make_loader
+        from biomedgpt.data.vision_chat import ChatExampleBuilder, ConversationStream, VisionChatCollator
+
+        data, batch = self.config.data, self.config.batch
+        image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        builder = ChatExampleBuilder(
+            self.tokenizer,
+            self.image_processor(),
+            data.template,
+            image_features=image_feature_count(self.model_config(self.config, image_token_id)),
+            max_length=data.max_length,
+            system=data.system,
+        )
+        dataset = ConversationStream(
+            str(data.train),
+            builder,
+            batch_size=batch.micro_batch_size,
+            shuffle=data.shuffle,
+            shuffle_algo=data.shuffle_algo,
+            shuffle_seed=data.seed,
+            num_canonical_nodes=data.num_canonical_nodes,
+        )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        loader = make_loader(dataset, batch.micro_batch_size, VisionChatCollator(int(pad)), data.num_workers)
+        return DataPlan(dataset, loader, ["main"])
+
+    def target_tokens(self, batch: Any, completed_steps: int) -> int:
+        return int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
+
+    def forward_loss(self, engine: Any, batch: Any, completed_steps: int, device: torch.device) -> StepLoss:
+        dtype = next((p.dtype for p in engine.module.parameters() if p.is_floating_point()), torch.float32)
+        inputs = {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if key in batch}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        out = engine(**inputs)
+        return StepLoss(out.loss, out.per_example, out.per_example_tokens)
+
+    def input_tokens(self, batch: Any) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def forward_flops(self, model: nn.Module, batch: Any) -> int:
+        config = model.model.config
+        batch_size, seq_len = batch["input_ids"].shape
+        images = int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
+        return decoder_forward_flops(config.text_config, int(batch_size), int(seq_len)) + vision_flops(
+            config.vision_config, images
+        )
+
+    def write_run_files(self, checkpoint_dir: Path, model: nn.Module) -> None:
+        model.model.config.save_pretrained(checkpoint_dir)
+        self.tokenizer.save_pretrained(checkpoint_dir / TOKENIZER_DIR)
+        self.image_processor().save_pretrained(checkpoint_dir / TOKENIZER_DIR)
+
+    def tracking_tags(self) -> dict[str, str]:
+        section = self.config.model
+        language = section.language or str((section.language_config or {}).get("model_type"))
+        return {"model": f"llava:{language}", "projector": section.projector, "template": self.config.data.template}
