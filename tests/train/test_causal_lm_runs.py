@@ -5,8 +5,9 @@ ZeRO-3 on 2 ranks with torchrun and gloo.
 One trained job (``trained``) answers several claims: the loss falls on a learnable corpus, perplexity on a held-out
 split is validated and falls, the checkpoint consolidates into a directory ``AutoModelForCausalLM`` loads with the
 logits of the weights DeepSpeed itself gathers, and that model answers held-out PubMedQA-style questions above
-chance and above the majority answer. Other jobs: 1 rank gives the trained job's losses and gradient norms for the
-same global batch split another way; SIGKILL and the same command give the same per-step losses and validations;
+chance and above the majority answer. Other jobs: a run continues from that consolidated directory (``model.path``,
+loaded partitioned) with the loss it has in transformers; 1 rank gives the trained job's losses and gradient norms
+for the same global batch split another way; SIGKILL and the same command give the same per-step losses and validations;
 the 7B preset plans offline (no weights) and bad data is refused."""
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import json
 import math
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -146,6 +145,34 @@ def test_consolidated_directory_loads_in_transformers_and_answers_above_chance(
     assert metrics["accuracy"] >= 0.8, metrics
 
 
+def test_a_run_continues_from_the_consolidated_directory(
+    corpus: dict[str, Path], trained: tuple[Path, str], tmp_path: Path
+) -> None:
+    """``model.path``: the consolidated model, loaded partitioned under ZeRO-3 by transformers, starts a new run (with
+    gradient checkpointing) whose first loss is the loss that model has in transformers on that first batch (not a
+    freshly initialised one's)."""
+    from transformers import AutoModelForCausalLM
+
+    from biomedgpt.cli.consolidate import main as consolidate
+    from biomedgpt.data.token_stream import TokenCollator, token_row
+    from biomedgpt.train.recipes.causal_lm import CausalLMForTraining
+
+    model_dir = tmp_path / "hf"
+    assert consolidate([str(trained[0] / "ckpt"), str(model_dir), "--no-progress"]) == 0
+    continued = tmp_path / "continued"
+    run_training(continued, "causal_lm_tiny", overrides(corpus, continued, extra=[
+        "model.config=null", f"model.path={model_dir}", "data.tokenizer=null", "optim.max_steps=1",
+        "validation.data=null", "model.gradient_checkpointing=true"]), nproc=2)  # fmt: skip
+    first = losses(continued)[1]
+
+    model = CausalLMForTraining(AutoModelForCausalLM.from_pretrained(model_dir), chunk_size=64).eval()
+    rows = [token_row(row) for row in iter_rows(corpus["tokens"], limit=8)]  # the first global batch (no shuffle)
+    with torch.no_grad():
+        out = model(**TokenCollator(2)(rows))
+    assert first == pytest.approx(float(out.loss) / out.ntokens, rel=1e-5)
+    assert first < 0.5 * losses(trained[0])[1]  # far below an untrained model's
+
+
 def test_one_rank_matches_two_ranks_with_the_same_global_batch(
     corpus: dict[str, Path], trained: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -176,28 +203,29 @@ def test_sigkill_then_same_command_continues_exactly(
         assert validations(killed)[step]["val/perplexity"] == pytest.approx(record["val/perplexity"], rel=1e-5)
 
 
-def test_the_7b_preset_plans_offline_and_bad_data_is_refused(corpus: dict[str, Path], tmp_path: Path) -> None:
-    def train(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "biomedgpt.train", *argv], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=300)  # fmt: skip
-
+def test_the_7b_preset_plans_offline_and_bad_data_is_refused(
+    corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
+    from biomedgpt.train.cli import main
+
+    monkeypatch.chdir(tmp_path)  # where the preset's data and model paths do not exist
     for world_size, weights_gib in ((8, 1.569), (16, 0.784), (64, 0.196)):
-        plan = train("--config", "continued_pretrain_7b", "--dry-run", "--world-size", str(world_size),
-                     "--allow-missing-data")  # fmt: skip
-        assert plan.returncode == 0, plan.stderr[-2000:]
-        assert "llama: 6,738,415,616 parameters" in plan.stdout  # Llama-2-7B, from the preset's inline config
-        assert f"weights: {weights_gib:.3f} GiB" in plan.stdout
+        assert main(["--config", "continued_pretrain_7b", "--dry-run", "--world-size", str(world_size),
+                     "--allow-missing-data"]) == 0  # fmt: skip
+        plan = capsys.readouterr().out
+        assert "llama: 6,738,415,616 parameters" in plan  # Llama-2-7B, from the preset's inline config
+        assert f"weights: {weights_gib:.3f} GiB" in plan
         # DeepSpeed's own ZeRO-3 estimate for 8-GPU nodes (the embedding, 32,000 x 4,096, is the largest layer).
         _, deepspeed_bytes, _ = estimate_zero3_model_states_mem_needs(
             6_738_415_616, 32_000 * 4_096, num_gpus_per_node=8, num_nodes=world_size // 8, cpu_offload=False
         )
-        total_gib = float(re.search(r"^total: ([\d.]+) GiB$", plan.stdout, re.MULTILINE).group(1))
+        total_gib = float(re.search(r"^total: ([\d.]+) GiB$", plan, re.MULTILINE).group(1))
         assert total_gib == pytest.approx(deepspeed_bytes / 2**30, rel=0.05), (total_gib, deepspeed_bytes / 2**30)
-    not_tokens = train("--config", "causal_lm_tiny", f"data.train={tmp_path}", f"data.tokenizer={corpus['tokenizer']}")
-    assert not_tokens.returncode == 2 and f"data.train={tmp_path}: " in not_tokens.stderr
-    assert "--kind documents" in not_tokens.stderr
-    bad_valid = train("--config", "causal_lm_tiny", f"data.train={corpus['tokens']}",
-                      f"data.tokenizer={corpus['tokenizer']}", f"validation.data={tmp_path}")  # fmt: skip
-    assert bad_valid.returncode == 2 and f"validation.data={tmp_path}: " in bad_valid.stderr
+    tokens = ["--config", "causal_lm_tiny", f"data.tokenizer={corpus['tokenizer']}"]
+    assert main([*tokens, f"data.train={tmp_path}"]) == 2
+    error = capsys.readouterr().err
+    assert f"data.train={tmp_path}: " in error and "--kind documents" in error
+    assert main([*tokens, f"data.train={corpus['tokens']}", f"validation.data={tmp_path}"]) == 2
+    assert f"validation.data={tmp_path}: " in capsys.readouterr().err
