@@ -68,6 +68,7 @@ __all__ = [
 TOOL = "biomedgpt-consolidate"
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
@@ -821,6 +822,10 @@ def consolidate_checkpoint(
         config.dtype = out_dtype
         config.save_pretrained(staging)
         sources.tokenizer.save_pretrained(staging)
+        origin = Path(sources.tokenizer_origin)
+        for name in PROCESSOR_FILES:  # a vision-language run keeps its image processor beside the tokenizer
+            if (origin / name).is_file():
+                shutil.copyfile(origin / name, staging / name)
         task_file = _find_task_file(checkpoint)
         if task_file is not None:  # evaluation then prepares inputs as the fine-tuning did
             shutil.copyfile(task_file, staging / TASK_FILE)

@@ -1,6 +1,7 @@
 """The model families a consolidated directory can hold, chosen by the ``model_type`` of the checkpoint's
 ``config.json``: BiomedGPT (``biomedgpt``), or any Hugging Face causal LM (``llama``, ``mistral``, ``qwen2``,
-``gpt2``, ... as ``AutoModelForCausalLM`` knows them; the ``causal_lm`` recipe's runs).
+``gpt2``, ... as ``AutoModelForCausalLM`` knows them; the ``causal_lm`` recipe's runs), or a vision-language chat
+model (``llava``, the ``vision_chat`` recipe's runs).
 
 A format says how to read the config and tokenizer, how to build the model on the meta device (its state-dict keys,
 shapes and ties: the layout of the output), where the model's weights sit in the training engine's module (the
@@ -20,7 +21,14 @@ import torch
 
 from biomedgpt.checkpoint.errors import ConsolidationError
 
-__all__ = ["BiomedGPTFormat", "CausalLMFormat", "ModelFormat", "format_for_config", "format_for_model_type"]
+__all__ = [
+    "BiomedGPTFormat",
+    "CausalLMFormat",
+    "ModelFormat",
+    "VisionChatFormat",
+    "format_for_config",
+    "format_for_model_type",
+]
 
 
 class ModelFormat(ABC):
@@ -153,6 +161,38 @@ class CausalLMFormat(ModelFormat):
         return {"input_ids": torch.randint(0, min(config.vocab_size, 1000), (2, 12), generator=generator)}
 
 
+class VisionChatFormat(CausalLMFormat):
+    """A vision-language chat model (``model_type`` llava, the ``vision_chat`` recipe): transformers'
+    ``LlavaForConditionalGeneration`` with the projector its config's ``projector_type`` names."""
+
+    def is_config(self, config: Any) -> bool:
+        return getattr(config, "model_type", None) == "llava"
+
+    def meta_model(self, config: Any) -> torch.nn.Module:
+        from biomedgpt.model.vision_chat import build_vision_chat_model
+
+        with torch.device("meta"):
+            return build_vision_chat_model(config, getattr(config, "projector_type", "mlp2x_gelu"))
+
+    def load(self, directory: Path) -> tuple[torch.nn.Module, dict[str, list[str]]]:
+        from biomedgpt.model.vision_chat import load_vision_chat_model
+
+        return load_vision_chat_model(directory)
+
+    def tokenizer_mismatch(self, tokenizer: Any, config: Any) -> str | None:
+        return super().tokenizer_mismatch(tokenizer, config.text_config)
+
+    def dummy_batch(self, config: Any) -> dict[str, torch.Tensor]:
+        from biomedgpt.model.vision_chat import image_feature_count
+
+        generator = torch.Generator().manual_seed(0)
+        vision, features = config.vision_config, image_feature_count(config)
+        text = torch.randint(0, min(config.text_config.vocab_size, 1000), (2, 8), generator=generator)
+        image = torch.full((2, features), config.image_token_index)
+        pixels = torch.randn(2, 3, vision.image_size, vision.image_size, generator=generator)
+        return {"input_ids": torch.cat([text[:, :2], image, text[:, 2:]], dim=1), "pixel_values": pixels}
+
+
 def causal_lm_model_type(model_type: str | None) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -162,6 +202,8 @@ def causal_lm_model_type(model_type: str | None) -> bool:
 def format_for_model_type(model_type: str | None, origin: str) -> ModelFormat:
     if model_type in (None, "biomedgpt"):
         return BiomedGPTFormat()
+    if model_type == "llava":
+        return VisionChatFormat()
     if causal_lm_model_type(model_type):
         return CausalLMFormat()
     raise ConsolidationError(
@@ -172,7 +214,7 @@ def format_for_model_type(model_type: str | None, origin: str) -> ModelFormat:
 
 def format_for_config(config: Any) -> ModelFormat:
     """The format of a config object (a BiomedGPTConfig or a transformers causal-LM config)."""
-    for candidate in (BiomedGPTFormat(), CausalLMFormat()):
+    for candidate in (BiomedGPTFormat(), VisionChatFormat(), CausalLMFormat()):
         if candidate.is_config(config):
             return candidate
     raise ConsolidationError(f"a {type(config).__name__} is neither a BiomedGPT nor a causal-LM model config")

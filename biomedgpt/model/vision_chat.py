@@ -16,6 +16,7 @@ image feature (:func:`image_feature_count`), and the model puts the projected fe
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ __all__ = [
     "MultiModalProjector",
     "build_vision_chat_model",
     "image_feature_count",
+    "load_parts",
+    "load_vision_chat_model",
     "projector_layers",
     "vision_chat_config",
 ]
@@ -164,3 +167,23 @@ def _vision_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
                 out[candidate] = value
                 break
     return out
+
+
+def load_vision_chat_model(directory: str | Path, **kwargs: Any) -> tuple[nn.Module, dict[str, list[str]]]:
+    """A written model directory (``config.json`` of model_type llava and safetensors), with the projector its config
+    names, and transformers' loading info (missing / unexpected keys)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(directory)
+    projector = getattr(config, "projector_type", "mlp2x_gelu")
+    if projector_layers(projector) == 2:  # transformers' own layout
+        return LlavaForConditionalGeneration.from_pretrained(directory, output_loading_info=True, **kwargs)
+    from safetensors.torch import load_file
+
+    model = build_vision_chat_model(config, projector)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(directory).glob("model*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    return model, {"missing_keys": [k for k in missing if k not in tied], "unexpected_keys": list(unexpected)}

@@ -2,7 +2,8 @@
 LlavaForConditionalGeneration, on conversation shards of ``biomedgpt-convert --kind conversations`` (coloured
 squares and their captions), 2 ranks with torchrun and gloo. Stage ``vlm_align`` (the projector alone) under ZeRO-2
 and ZeRO-3: it trains (the loss falls), the projector's weights change and every other weight (vision tower,
-language model, head) is bit-identical from the first checkpoint to the last."""
+language model, head) is bit-identical from the first checkpoint to the last. Its result consolidates into what
+transformers' LlavaForConditionalGeneration loads and starts the next stage."""
 
 from __future__ import annotations
 
@@ -50,20 +51,30 @@ def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return ZeroCheckpoint(run_dir / "ckpt", f"step_{step:08d}").state_dict(aliases=False)
 
 
-@pytest.mark.parametrize("deepspeed_config", ["zero2_cpu.json", "zero3_cpu.json"])
-def test_alignment_trains_the_projector_alone(corpus: dict[str, Path], tmp_path: Path, deepspeed_config: str) -> None:
-    steps = 8
+STEPS = 8
+
+
+def align(corpus: dict[str, Path], run_dir: Path, deepspeed_config: str) -> str:
     overrides = [
-        f"data.train={corpus['align']}", f"data.tokenizer={corpus['tokenizer']}", f"checkpoint.dir={tmp_path / 'ckpt'}",
-        f"optim.max_steps={steps}", "checkpoint.every_steps=4", "tracking.system_metrics=false",
+        f"data.train={corpus['align']}", f"data.tokenizer={corpus['tokenizer']}", f"checkpoint.dir={run_dir / 'ckpt'}",
+        f"optim.max_steps={STEPS}", "checkpoint.every_steps=4", "tracking.system_metrics=false",
         f"deepspeed_config={deepspeed_config}", "optim.lr=5e-3", "batch.micro_batch_size=2",
     ]  # fmt: skip
-    proc = run_training(tmp_path, "vlm_align_tiny", overrides, nproc=2)
-    assert f"training finished at step {steps}" in proc.stdout
-    by_step = losses(tmp_path)
-    assert sum(by_step[s] for s in (steps - 1, steps)) < sum(by_step[s] for s in (1, 2)), by_step
+    return run_training(run_dir, "vlm_align_tiny", overrides, nproc=2).stdout
 
-    first, last = weights(tmp_path, 4), weights(tmp_path, steps)
+
+@pytest.fixture(scope="module")
+def aligned(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Stage 1 under ZeRO-2."""
+    run_dir = tmp_path_factory.mktemp("aligned")
+    return run_dir, align(corpus, run_dir, "zero2_cpu.json")
+
+
+def check_alignment(run_dir: Path, stdout: str) -> None:
+    assert f"training finished at step {STEPS}" in stdout
+    by_step = losses(run_dir)
+    assert sum(by_step[s] for s in (STEPS - 1, STEPS)) < sum(by_step[s] for s in (1, 2)), by_step
+    first, last = weights(run_dir, 4), weights(run_dir, STEPS)
     assert first.keys() == last.keys()
     projector = sorted(name for name in first if ".multi_modal_projector." in name)
     assert len(projector) == 4  # linear_1 and linear_2, weight and bias
@@ -72,5 +83,49 @@ def test_alignment_trains_the_projector_alone(corpus: dict[str, Path], tmp_path:
     inner = [name.removeprefix("model.") for name in first if name not in projector]  # the recipe's wrapper
     parts = {name.split(".")[1] if name.startswith("model.") else name.split(".")[0] for name in inner}
     assert parts == {"vision_tower", "language_model", "lm_head"}  # all there, and unchanged
-    assert (tmp_path / "ckpt" / "config.json").is_file()
-    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "llava"
+    assert json.loads((run_dir / "ckpt" / "config.json").read_text())["model_type"] == "llava"
+
+
+def test_alignment_trains_the_projector_alone_under_zero2(aligned: tuple[Path, str]) -> None:
+    check_alignment(*aligned)
+
+
+def test_alignment_trains_the_projector_alone_under_zero3(corpus: dict[str, Path], tmp_path: Path) -> None:
+    check_alignment(tmp_path, align(corpus, tmp_path, "zero3_cpu.json"))
+
+
+def test_stage_one_consolidates_for_transformers_and_feeds_the_next_stage(
+    corpus: dict[str, Path], aligned: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """biomedgpt-consolidate writes what transformers' LlavaForConditionalGeneration loads, with the logits of
+    DeepSpeed's own gathering; a full fine-tune (projector and language model) under ZeRO-3 starts from it
+    (model.init_from, loaded partitioned) with the loss that model has in transformers on the same first rows."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from biomedgpt.cli.consolidate import main as consolidate
+    from biomedgpt.data.parquet_shards import iter_rows
+    from biomedgpt.data.vision_chat import ChatExampleBuilder, VisionChatCollator
+    from biomedgpt.model.vision_chat import image_feature_count
+    from biomedgpt.train.recipes.vision_chat import VisionChatForTraining
+
+    model_dir = tmp_path / "stage1"
+    assert consolidate([str(aligned[0] / "ckpt"), str(model_dir), "--verify", "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("verify OK")
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+
+    stage2 = tmp_path / "stage2"
+    overrides = [
+        f"data.train={corpus['align']}", "data.tokenizer=null", f"checkpoint.dir={stage2 / 'ckpt'}",
+        "model.vision_config=null", "model.language_config=null", f"model.init_from={model_dir}",
+        "model.trainable=[model.multi_modal_projector.*,model.language_model.*,lm_head.*]",
+        "deepspeed_config=zero3_cpu.json", "optim.max_steps=1", "batch.micro_batch_size=2",
+        "tracking.system_metrics=false", "data.shuffle=false",
+    ]  # fmt: skip
+    run_training(stage2, "vlm_align_tiny", overrides, nproc=2)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    builder = ChatExampleBuilder(tokenizer, AutoImageProcessor.from_pretrained(model_dir), "plain",
+                                 image_feature_count(model.config), max_length=64)  # fmt: skip
+    rows = [builder(row) for row in iter_rows(corpus["align"], limit=8)]  # the first global batch (no shuffle)
+    with torch.no_grad():
+        out = VisionChatForTraining(model, chunk_size=64)(**VisionChatCollator(tokenizer.eos_token_id)(rows))
+    assert losses(stage2)[1] == pytest.approx(float(out.loss) / out.ntokens, rel=1e-5)

@@ -88,7 +88,8 @@ class VisionChatRecipe(Recipe):
     def build_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.config.data.tokenizer or self.config.model.language)
+        section = self.config.model
+        tokenizer = AutoTokenizer.from_pretrained(self.config.data.tokenizer or section.init_from or section.language)
         if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
         return tokenizer
@@ -96,6 +97,10 @@ class VisionChatRecipe(Recipe):
     @classmethod
     def model_config(cls, config: VisionChatTrainConfig, image_token_id: int) -> Any:
         section = config.model
+        if section.init_from is not None:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(section.init_from)
         return vision_chat_config(
             section.vision or dict(section.vision_config or {}),
             section.language or dict(section.language_config or {}),
@@ -108,8 +113,9 @@ class VisionChatRecipe(Recipe):
     def plan_model(cls, config: VisionChatTrainConfig) -> tuple[nn.Module, list[str]]:
         language = config.model.language_config or {}
         model_config = cls.model_config(config, image_token_id=int(language.get("vocab_size", 32000)) - 1)
+        projector = getattr(model_config, "projector_type", config.model.projector)
         with torch.device("meta"):
-            model = build_vision_chat_model(model_config, config.model.projector)
+            model = build_vision_chat_model(model_config, projector)
         trainable = apply_trainable(model, config.model.trainable)
         total = sum(p.numel() for p in model.parameters())
         count = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
@@ -121,7 +127,14 @@ class VisionChatRecipe(Recipe):
         config = self.model_config(self.config, image_token_id)
         config.text_config._attn_implementation = section.attn_implementation
         config.vision_config._attn_implementation = section.attn_implementation
-        if zero_stage(dict(ds_config)) == 3:
+        if section.init_from is not None:
+            if config.image_token_index != image_token_id:
+                raise ValueError(
+                    f"model.init_from={section.init_from} puts images at token {config.image_token_index} but the "
+                    f"tokenizer's {IMAGE_PLACEHOLDER} is {image_token_id}: use the tokenizer saved with that model"
+                )
+            model = self._load_previous_stage(section.init_from, config, ds_config)
+        elif zero_stage(dict(ds_config)) == 3:
             if section.vision or section.language:
                 raise ValueError(
                     "loading the vision tower or language model from a directory under ZeRO-3 is not supported yet: "
@@ -143,6 +156,27 @@ class VisionChatRecipe(Recipe):
         if section.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return VisionChatForTraining(model, section.loss_chunk_size)
+
+    @staticmethod
+    def _load_previous_stage(directory: str, config: Any, ds_config: Mapping[str, Any]) -> nn.Module:
+        """A consolidated vision_chat model, loaded partitioned under ZeRO-3 (transformers' DeepSpeed integration)."""
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from biomedgpt.model.vision_chat import load_vision_chat_model, projector_layers
+
+        zero3 = zero_stage(dict(ds_config)) == 3
+        if zero3 and projector_layers(getattr(config, "projector_type", "mlp2x_gelu")) != 2:
+            raise ValueError(
+                f"model.init_from={directory}: a {config.projector_type} projector loads under ZeRO-2 only (ZeRO-3 "
+                "loading goes through transformers' Llava, whose projector is mlp2x_gelu)"
+            )
+        keep = HfDeepSpeedConfig(copy.deepcopy(dict(ds_config))) if zero3 else None
+        model, info = load_vision_chat_model(directory, attn_implementation=config.text_config._attn_implementation)
+        del keep
+        problems = [f"{kind}: {', '.join(keys[:5])}" for kind, keys in info.items() if keys]
+        if problems:
+            raise ValueError(f"model.init_from={directory}: the weights do not fit the model ({'; '.join(problems)})")
+        return model
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         # The projector may learn at its own rate (LLaVA-1.5 stage 2: 2e-5 beside LoRA's 2e-4); no weight decay on
@@ -166,7 +200,7 @@ class VisionChatRecipe(Recipe):
         from biomedgpt.data.vision_chat import image_processor_for
 
         section = self.config.model
-        vision = section.vision or dict(section.vision_config or {})
+        vision = section.init_from or section.vision or dict(section.vision_config or {})
         size = int((section.vision_config or {}).get("image_size", 224))
         return image_processor_for(vision, size)
 

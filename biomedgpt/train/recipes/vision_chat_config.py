@@ -20,7 +20,9 @@ VISION_TOWER_PREFIX = "model.vision_tower."
 
 @dataclass
 class VisionChatModelSection:
-    # Each part from a Hugging Face directory or an inline config (model_type and sizes): exactly one of the two.
+    # A previous stage's model (a biomedgpt-consolidate directory of a vision_chat run: model_type llava), or the
+    # parts: each from a Hugging Face directory or an inline config (model_type and sizes), exactly one of the two.
+    init_from: str | None = None
     vision: str | None = None  # CLIPVisionModel / SiglipVisionModel (or a full CLIP model: its vision half)
     vision_config: dict[str, Any] | None = None
     language: str | None = None  # a causal LM (Llama, Mistral, Qwen2, ...)
@@ -36,9 +38,18 @@ class VisionChatModelSection:
     loss_chunk_size: int = 1024
 
     def __post_init__(self) -> None:
-        for part in ("vision", "language"):
-            if (getattr(self, part) is None) == (getattr(self, f"{part}_config") is None):
-                raise ValueError(f"give exactly one of model.{part} (a Hugging Face directory) and model.{part}_config")
+        parts = ("vision", "vision_config", "language", "language_config")
+        if self.init_from is not None:
+            given = [f"model.{key}" for key in parts if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"model.init_from holds the whole model: drop {', '.join(given)}")
+        else:
+            for part in ("vision", "language"):
+                if (getattr(self, part) is None) == (getattr(self, f"{part}_config") is None):
+                    raise ValueError(
+                        f"give exactly one of model.{part} (a Hugging Face directory) and model.{part}_config, or "
+                        "model.init_from (a previous stage's model)"
+                    )
         if not self.trainable:
             raise ValueError("model.trainable is empty: nothing would train")
         tower = [p for p in self.trainable if p.startswith(VISION_TOWER_PREFIX[:-1]) or p in ("*", "model.*")]
@@ -88,7 +99,7 @@ class VisionChatTrainConfig(RunSettings):
     deepspeed_config: str = "zero2_cpu.json"
 
     def __post_init__(self) -> None:
-        if self.model.language is None and self.data.tokenizer is None:
+        if self.model.language is None and self.model.init_from is None and self.data.tokenizer is None:
             raise ValueError(
                 "a language model built from model.language_config needs data.tokenizer (a Hugging Face tokenizer)"
             )
