@@ -29,6 +29,9 @@ __all__ = [
     "image_feature_count",
     "load_parts",
     "load_vision_chat_model",
+    "add_lora",
+    "lora_targets",
+    "LORA_PARAMETER_PATTERNS",
     "projector_layers",
     "vision_chat_config",
 ]
@@ -176,14 +179,58 @@ def load_vision_chat_model(directory: str | Path, **kwargs: Any) -> tuple[nn.Mod
 
     config = AutoConfig.from_pretrained(directory)
     projector = getattr(config, "projector_type", "mlp2x_gelu")
-    if projector_layers(projector) == 2:  # transformers' own layout
+    lora = getattr(config, "lora", None)
+    if projector_layers(projector) == 2 and not lora:  # transformers' own layout
         return LlavaForConditionalGeneration.from_pretrained(directory, output_loading_info=True, **kwargs)
     from safetensors.torch import load_file
 
     model = build_vision_chat_model(config, projector)
+    if lora:  # the adapters as trained, unmerged (biomedgpt-merge-lora folds them in)
+        add_lora(model, lora["r"], lora["alpha"], lora["dropout"], exclude=(), targets=lora["targets"])
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(Path(directory).glob("model*.safetensors")):
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     return model, {"missing_keys": [k for k in missing if k not in tied], "unexpected_keys": list(unexpected)}
+
+
+LORA_PARAMETER_PATTERNS = ("*.lora_A.*", "*.lora_B.*")
+
+
+def lora_targets(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Every linear layer of the language model (LLaVA's ``find_all_linear_names``: the attention and MLP
+    projections), by full module name; the output head and the projector are never adapted, nor names matching one
+    of the fnmatch patterns ``exclude``."""
+    import fnmatch
+
+    prefix = "model.language_model."
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(prefix)
+        and isinstance(module, nn.Linear)
+        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+    ]
+
+
+def add_lora(
+    model: nn.Module,
+    r: int,
+    alpha: int,
+    dropout: float,
+    exclude: tuple[str, ...] = (),
+    targets: list[str] | None = None,
+) -> list[str]:
+    """LoRA adapters (PEFT, injected in place: parameter names stay the model's, plus ``.lora_A``/``.lora_B`` and
+    ``.base_layer``) on the language model's linear layers; returns the adapted module names. The settings are kept in
+    ``model.config.lora`` so that a consolidated directory can be loaded and merged."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = list(targets) if targets is not None else lora_targets(model, exclude)
+    if not targets:
+        raise ValueError("LoRA: no linear layer of the language model is left to adapt (model.lora.exclude)")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    inject_adapter_in_model(config, model)
+    model.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}
+    return targets

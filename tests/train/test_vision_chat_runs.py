@@ -129,3 +129,32 @@ def test_stage_one_consolidates_for_transformers_and_feeds_the_next_stage(
     with torch.no_grad():
         out = VisionChatForTraining(model, chunk_size=64)(**VisionChatCollator(tokenizer.eos_token_id)(rows))
     assert losses(stage2)[1] == pytest.approx(float(out.loss) / out.ntokens, rel=1e-5)
+
+
+def test_lora_instruction_tuning_trains_the_adapters_and_the_projector_alone(
+    corpus: dict[str, Path], aligned: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vlm_instruct_lora (ZeRO-3, the llama2 template) from the stage-1 model: PEFT's LoRA adapters on every linear
+    layer of the language model and the projector change, every base weight stays bit-identical; the checkpoint
+    consolidates with its adapters and verifies against DeepSpeed's gathering."""
+    from biomedgpt.cli.consolidate import main as consolidate
+
+    stage1 = tmp_path / "stage1"
+    assert consolidate([str(aligned[0] / "ckpt"), str(stage1), "--no-progress"]) == 0
+    run_dir = tmp_path / "lora"
+    overrides = [
+        f"data.train={corpus['align']}", f"checkpoint.dir={run_dir / 'ckpt'}", f"model.init_from={stage1}",
+        f"optim.max_steps={STEPS}", "checkpoint.every_steps=4", "tracking.system_metrics=false", "optim.lr=1e-2",
+        "batch.micro_batch_size=2",
+    ]  # fmt: skip
+    run_training(run_dir, "vlm_instruct_lora_tiny", overrides, nproc=2)
+    first, last = weights(run_dir, 4), weights(run_dir, STEPS)
+    changed = {name for name in first if not torch.equal(first[name], last[name])}
+    adapters = {name for name in first if ".lora_A." in name or ".lora_B." in name}
+    projector = {name for name in first if ".multi_modal_projector." in name}
+    # 2 layers x 7 linear layers (q, k, v, o, gate, up, down) x (A, B); never the head or the vision tower.
+    assert len(adapters) == 28 and not any("lm_head" in n or "vision_tower" in n for n in adapters)
+    assert changed == adapters | projector
+    assert any(".base_layer." in name for name in first)  # the adapted layers' frozen weights, unchanged
+    assert consolidate([str(run_dir / "ckpt"), str(tmp_path / "hf"), "--verify", "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("verify OK")

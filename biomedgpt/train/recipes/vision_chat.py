@@ -21,6 +21,8 @@ from torch import nn
 from biomedgpt.checkpoint.layout import TOKENIZER_DIR
 from biomedgpt.data.chat_templates import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from biomedgpt.model.vision_chat import (
+    LORA_PARAMETER_PATTERNS,
+    add_lora,
     build_vision_chat_model,
     image_feature_count,
     load_parts,
@@ -100,6 +102,11 @@ class VisionChatRecipe(Recipe):
         if section.init_from is not None:
             from transformers import AutoConfig
 
+            if not (Path(section.init_from) / "config.json").is_file():  # never a hub name: no network lookups
+                raise ValueError(
+                    f"model.init_from={section.init_from}: no config.json there; the previous stage's model "
+                    "(biomedgpt-consolidate CKPT_DIR OUT_DIR) is needed to plan or train this one"
+                )
             return AutoConfig.from_pretrained(section.init_from)
         return vision_chat_config(
             section.vision or dict(section.vision_config or {}),
@@ -152,7 +159,12 @@ class VisionChatRecipe(Recipe):
                 f"the tokenizer has {len(self.tokenizer)} ids (with {IMAGE_PLACEHOLDER}) but the language model has "
                 f"vocab_size={config.text_config.vocab_size}; give a language model whose vocabulary holds it"
             )
-        apply_trainable(model, section.trainable)
+        patterns = list(section.trainable)
+        if section.lora is not None:
+            lora = section.lora
+            add_lora(model, lora.r, lora.alpha, lora.dropout, tuple(lora.exclude))
+            patterns += LORA_PARAMETER_PATTERNS
+        apply_trainable(model, patterns)
         if section.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return VisionChatForTraining(model, section.loss_chunk_size)

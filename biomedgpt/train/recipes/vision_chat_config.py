@@ -19,6 +19,22 @@ VISION_TOWER_PREFIX = "model.vision_tower."
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters on the language model's linear layers (LLaVA-1.5 stage 2: r 128, alpha 256, dropout 0.05)."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    exclude: list[str] = field(default_factory=list)  # module-name patterns not to adapt (the head never is)
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ValueError(f"model.lora.r={self.r} and model.lora.alpha={self.alpha} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout={self.dropout} must lie in [0, 1)")
+
+
+@dataclass
 class VisionChatModelSection:
     # A previous stage's model (a biomedgpt-consolidate directory of a vision_chat run: model_type llava), or the
     # parts: each from a Hugging Face directory or an inline config (model_type and sizes), exactly one of the two.
@@ -33,6 +49,8 @@ class VisionChatModelSection:
     # Parameter names (fnmatch patterns) that train; everything else is frozen. The vision tower always is.
     trainable: list[str] = field(default_factory=lambda: [PROJECTOR_PREFIX + "*"])
     projector_lr: float | None = None  # None: optim.lr
+    # LoRA on the language model (its adapters train beside model.trainable), or None for none.
+    lora: LoraSection | None = None
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 1024

@@ -25,7 +25,7 @@ def check_inputs(config: VisionChatTrainConfig) -> list[str]:
     else:
         if kind != "conversations":
             problems.append(f"data.train={config.data.train}: converted as {kind!r}, not --kind conversations")
-    for key in ("vision", "language"):
+    for key in ("init_from", "vision", "language"):
         path = getattr(config.model, key)
         if path is not None and not (Path(path) / "config.json").is_file():
             problems.append(f"model.{key}={path}: no config.json there (a Hugging Face model directory)")
