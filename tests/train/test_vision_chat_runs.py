@@ -158,3 +158,32 @@ def test_lora_instruction_tuning_trains_the_adapters_and_the_projector_alone(
     assert any(".base_layer." in name for name in first)  # the adapted layers' frozen weights, unchanged
     assert consolidate([str(run_dir / "ckpt"), str(tmp_path / "hf"), "--verify", "--no-progress"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("verify OK")
+    check_merge_and_adapter(tmp_path / "hf", stage1, tmp_path)
+
+
+def check_merge_and_adapter(lora_dir: Path, base_dir: Path, tmp_path: Path) -> None:
+    """biomedgpt-merge-lora: the merged model (transformers' Llava) and the PEFT adapter on the stage-1 model (with the
+    projector from non_lora_trainables) give the logits of the unmerged model."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from biomedgpt.checkpoint.model_formats import VisionChatFormat
+    from biomedgpt.cli.merge_lora import main as merge
+    from biomedgpt.model.vision_chat import load_vision_chat_model
+
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    assert merge([str(lora_dir), str(merged_dir), "--adapter-out", str(adapter_dir)]) == 0
+    unmerged = load_vision_chat_model(lora_dir)[0].eval()
+    batch = VisionChatFormat().dummy_batch(unmerged.config)
+    merged = LlavaForConditionalGeneration.from_pretrained(merged_dir).eval()
+    assert not any("lora" in name for name in merged.state_dict())
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir).eval()
+    base.load_state_dict(load_file(adapter_dir / "non_lora_trainables.safetensors"), strict=False)
+    assert len(load_file(adapter_dir / "adapter_model.safetensors")) == 28
+    with torch.no_grad():
+        reference = unmerged(**batch).logits
+        assert not torch.equal(reference, base(**batch).logits)  # the adapters matter
+        adapted = PeftModel.from_pretrained(base, adapter_dir).eval()  # injects into base
+        torch.testing.assert_close(merged(**batch).logits, reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(adapted(**batch).logits, reference, rtol=0, atol=1e-5)
