@@ -80,7 +80,7 @@ def torchrun_script(script: str | Path, argument: Path, nproc: int = 2) -> subpr
     return proc
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600, poll: float = 0.5) -> None:
     """Until the job in ``run_dir`` has logged ``step`` in its metrics.jsonl; fail when it ends first."""
     deadline = time.monotonic() + timeout
     path = run_dir / "ckpt" / "metrics.jsonl"
@@ -89,7 +89,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended (code {proc.returncode}) before step {step}")
-        time.sleep(0.5)
+        time.sleep(poll)
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
@@ -100,7 +100,7 @@ def training_ranks(launcher_pid: int) -> list[psutil.Process]:
 
 
 def kill_job_after_step(
-    command: list[str], run_dir: Path, step: int, store: Path | None = None, nproc: int = 2
+    command: list[str], run_dir: Path, step: int, store: Path | None = None, nproc: int = 2, poll: float = 0.5
 ) -> None:
     """Start a job of ``nproc`` ranks (``command``) in a new ``run_dir`` and, once it has logged ``step``, crash it:
     the launcher and every rank at once, no chance to save. torchrun starts each rank in a session (and process
@@ -111,7 +111,7 @@ def kill_job_after_step(
         command, env=environment(run_dir, store), cwd=run_dir,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    wait_for_step(run_dir, step, proc)
+    wait_for_step(run_dir, step, proc, poll=poll)
     ranks = training_ranks(proc.pid)
     assert len(ranks) == nproc
     job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]

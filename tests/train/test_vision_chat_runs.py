@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from training_jobs import losses, run_training
+from training_jobs import kill_job_after_step, losses, run_training
 
 from biomedgpt.checkpoint.consolidate import ZeroCheckpoint
 from biomedgpt.data.conversations import convert_conversations
@@ -51,16 +52,19 @@ def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return ZeroCheckpoint(run_dir / "ckpt", f"step_{step:08d}").state_dict(aliases=False)
 
 
-STEPS = 8
+STEPS = 16
 
 
-def align(corpus: dict[str, Path], run_dir: Path, deepspeed_config: str) -> str:
-    overrides = [
+def align_overrides(corpus: dict[str, Path], run_dir: Path, deepspeed_config: str) -> list[str]:
+    return [
         f"data.train={corpus['align']}", f"data.tokenizer={corpus['tokenizer']}", f"checkpoint.dir={run_dir / 'ckpt'}",
         f"optim.max_steps={STEPS}", "checkpoint.every_steps=4", "tracking.system_metrics=false",
         f"deepspeed_config={deepspeed_config}", "optim.lr=5e-3", "batch.micro_batch_size=2",
     ]  # fmt: skip
-    return run_training(run_dir, "vlm_align_tiny", overrides, nproc=2).stdout
+
+
+def align(corpus: dict[str, Path], run_dir: Path, deepspeed_config: str) -> str:
+    return run_training(run_dir, "vlm_align_tiny", align_overrides(corpus, run_dir, deepspeed_config), nproc=2).stdout
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +78,7 @@ def check_alignment(run_dir: Path, stdout: str) -> None:
     assert f"training finished at step {STEPS}" in stdout
     by_step = losses(run_dir)
     assert sum(by_step[s] for s in (STEPS - 1, STEPS)) < sum(by_step[s] for s in (1, 2)), by_step
-    first, last = weights(run_dir, 4), weights(run_dir, STEPS)
+    first, last = weights(run_dir, STEPS - 4), weights(run_dir, STEPS)  # the two kept checkpoints
     assert first.keys() == last.keys()
     projector = sorted(name for name in first if ".multi_modal_projector." in name)
     assert len(projector) == 4  # linear_1 and linear_2, weight and bias
@@ -92,6 +96,25 @@ def test_alignment_trains_the_projector_alone_under_zero2(aligned: tuple[Path, s
 
 def test_alignment_trains_the_projector_alone_under_zero3(corpus: dict[str, Path], tmp_path: Path) -> None:
     check_alignment(tmp_path, align(corpus, tmp_path, "zero3_cpu.json"))
+
+
+def test_sigkill_then_same_command_continues_exactly(
+    corpus: dict[str, Path], aligned: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Shuffled conversations, images decoded in the loader: the restart resumes the data position, the optimizer of
+    the trainable part and the schedule, so the per-step losses are the uninterrupted run's."""
+    from biomedgpt.train.cli import torchrun_command
+
+    killed = tmp_path / "killed"
+    command = torchrun_command("vlm_align_tiny", align_overrides(corpus, killed, "zero2_cpu.json"), 2)
+    kill_job_after_step(command, killed, 5, poll=0.05)
+    resumed = run_training(killed, "vlm_align_tiny", align_overrides(corpus, killed, "zero2_cpu.json"), nproc=2)
+    match = re.search(r"resuming from .* at step (\d+)", resumed.stdout)
+    assert match is not None and int(match.group(1)) in (4, 8, 12), resumed.stdout[-3000:]
+    expected, continued = losses(aligned[0]), losses(killed)
+    assert sorted(continued) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert continued[step] == pytest.approx(expected[step], rel=1e-5), (step, expected, continued)
 
 
 def test_stage_one_consolidates_for_transformers_and_feeds_the_next_stage(
@@ -148,7 +171,7 @@ def test_lora_instruction_tuning_trains_the_adapters_and_the_projector_alone(
         "batch.micro_batch_size=2",
     ]  # fmt: skip
     run_training(run_dir, "vlm_instruct_lora_tiny", overrides, nproc=2)
-    first, last = weights(run_dir, 4), weights(run_dir, STEPS)
+    first, last = weights(run_dir, STEPS - 4), weights(run_dir, STEPS)
     changed = {name for name in first if not torch.equal(first[name], last[name])}
     adapters = {name for name in first if ".lora_A." in name or ".lora_B." in name}
     projector = {name for name in first if ".multi_modal_projector." in name}
