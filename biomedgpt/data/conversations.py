@@ -91,7 +91,7 @@ class _RejectedRecord(Exception):  # noqa: N818 (a record's verdict, raised insi
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line or position, record) of a JSON array or JSON-lines file; an unreadable line is a _RejectedRecord record."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no content
     except (OSError, UnicodeDecodeError) as error:
         raise ConversationConversionError(f"{path}: cannot read it as UTF-8 text ({error})") from error
     if text.lstrip().startswith("["):
@@ -103,7 +103,8 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             ) from error
         yield from enumerate(records, start=1)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, U+2029 and U+0085 unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

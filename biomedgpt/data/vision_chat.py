@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from streaming import StreamingDataset
 
-from biomedgpt.data.chat_templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, Turn, encode_chat
+from biomedgpt.data.chat_templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ChatTemplateError, Turn, encode_chat
 from biomedgpt.data.images import decode_image
 from biomedgpt.data.parquet_shards import register_parquet_reader
 
@@ -48,7 +48,10 @@ class ChatExampleBuilder:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         turns = [Turn(t["role"], t["text"]) for t in row["turns"]]
-        encoded = encode_chat(self.template, turns, self.tokenizer, system=self.system)
+        try:
+            encoded = encode_chat(self.template, turns, self.tokenizer, system=self.system)
+        except ChatTemplateError as error:
+            raise ChatTemplateError(f"row {row.get('id')} (line {row.get('source_line')}): {error}") from error
         image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         input_ids, labels = [], []
         for token, label in zip(encoded.input_ids, encoded.labels):

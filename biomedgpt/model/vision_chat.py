@@ -98,6 +98,8 @@ def vision_chat_config(
             f"vision tower model_type {vision_config.model_type!r}: a CLIP or SigLIP vision model (clip_vision_model, "
             "siglip_vision_model; LanguageBind's image tower is CLIP)"
         )
+    if vision_config.model_type == "siglip_vision_model" and select == "patch":
+        raise ValueError("a SigLIP tower has no CLS token to drop: use select=full (every patch feature)")
     text_config = _config(language, "language")
     layers = vision_config.num_hidden_layers
     if not -layers <= feature_layer < layers:
@@ -191,7 +193,7 @@ def load_vision_chat_model(directory: str | Path, **kwargs: Any) -> tuple[nn.Mod
     for shard in sorted(Path(directory).glob("model*.safetensors")):
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set()
     return model, {"missing_keys": [k for k in missing if k not in tied], "unexpected_keys": list(unexpected)}
 
 

@@ -10,6 +10,7 @@ the output projection as for the causal LM (:class:`~biomedgpt.train.recipes.cau
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +33,7 @@ from biomedgpt.train.decoder_flops import decoder_forward_flops
 from biomedgpt.train.engine import zero_stage
 from biomedgpt.train.recipes.base import DataPlan, Recipe, StepLoss
 from biomedgpt.train.recipes.causal_lm import CausalLMForTraining
-from biomedgpt.train.recipes.vision_chat_config import PROJECTOR_PREFIX, VisionChatTrainConfig
+from biomedgpt.train.recipes.vision_chat_config import PROJECTOR_PREFIX, VISION_TOWER_PREFIX, VisionChatTrainConfig
 
 __all__ = ["VisionChatForTraining", "VisionChatRecipe", "apply_trainable"]
 
@@ -49,17 +50,28 @@ class VisionChatForTraining(CausalLMForTraining):
         labels: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
     ) -> Any:
-        return self.loss_of_hidden(
-            self.model.model(  # LlavaModel: the tower, the projector and the LM without its head
+        llava = self.model.model  # LlavaModel: the tower, the projector and the LM without its head
+        out = self.loss_of_hidden(
+            llava(
                 input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False
             ).last_hidden_state,
             labels,
         )
+        if pixel_values is None:
+            # A batch without images (text-only conversations) still runs the tower and the projector, on a blank
+            # image at weight 0 (as LLaVA does): every rank runs the same modules (ZeRO-3 gathers them collectively,
+            # ZeRO-2 reduces the same gradients) and a projector-only stage still has a gradient.
+            size = int(self.model.config.vision_config.image_size)
+            dtype = llava.multi_modal_projector.parameters().__next__().dtype
+            blank = torch.zeros(1, 3, size, size, dtype=dtype, device=input_ids.device)
+            features = llava.get_image_features(pixel_values=blank)
+            out = dataclasses.replace(out, loss=out.loss + 0.0 * sum(f.sum() for f in features))
+        return out
 
 
 def apply_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Freeze every parameter but those whose name matches one of ``patterns``; returns the trainable names. A
-    pattern that matches nothing is an error naming it (a misspelt pattern would silently train nothing)."""
+    """Freeze every parameter but those whose name matches one of ``patterns`` (never the vision tower's); returns the
+    trainable names. A pattern that matches nothing is an error naming it (a misspelt one would train nothing)."""
     names = [name for name, _ in model.named_parameters()]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
@@ -67,7 +79,8 @@ def apply_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
         raise ValueError(f"model.trainable patterns {unmatched} match no parameter (the model's parts: {parts})")
     trainable = []
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+        tower = name.startswith(VISION_TOWER_PREFIX)  # frozen whatever a broad pattern (*.bias, *proj*) matches
+        parameter.requires_grad_(not tower and any(fnmatch.fnmatchcase(name, p) for p in patterns))
         if parameter.requires_grad:
             trainable.append(name)
     return trainable
@@ -140,6 +153,11 @@ class VisionChatRecipe(Recipe):
                     f"model.init_from={section.init_from} puts images at token {config.image_token_index} but the "
                     f"tokenizer's {IMAGE_PLACEHOLDER} is {image_token_id}: use the tokenizer saved with that model"
                 )
+            if getattr(config, "lora", None):
+                raise ValueError(
+                    f"model.init_from={section.init_from} holds unmerged LoRA adapters: fold them in first with "
+                    "biomedgpt-merge-lora IN_DIR OUT_DIR and start from OUT_DIR (a new adapter can train on top)"
+                )
             model = self._load_previous_stage(section.init_from, config, ds_config)
         elif zero_stage(dict(ds_config)) == 3:
             if section.vision or section.language:
@@ -153,7 +171,16 @@ class VisionChatRecipe(Recipe):
                 model = build_vision_chat_model(config, section.projector)
         else:
             model = build_vision_chat_model(config, section.projector)
-            load_parts(model, section.vision, section.language)
+            untouched = load_parts(model, section.vision, section.language)
+            prefixes = (("model.vision_tower.",) if section.vision else ()) + (
+                ("model.language_model.", "lm_head.") if section.language else ()
+            )
+            left = [name for name in untouched if name.startswith(prefixes)]
+            if left:
+                raise ValueError(
+                    f"model.vision / model.language: {len(left)} weights were not in the directories and would stay "
+                    f"random ({', '.join(left[:4])}); is each the model its key says?"
+                )
         if len(self.tokenizer) > config.text_config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} ids (with {IMAGE_PLACEHOLDER}) but the language model has "
