@@ -38,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -707,11 +708,19 @@ def _run(tasks: list[_Task], workers: int, strict: bool) -> Iterator[dict[str, A
         return
     # fork where there is one: workers start at once and the caller's script needs no `if __name__ == "__main__"`
     # guard (spawn re-imports it). The workers only use pyarrow, whose thread pools are fork-safe.
+    # concurrent.futures rather than multiprocessing.Pool: stopping early (a strict-mode error) cancels the shards not
+    # started and lets the running ones finish. Pool.terminate() kills workers that may hold the task queue's lock,
+    # and its clean-up then waits for that lock for ever (seen as a hung test run).
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(min(workers, len(tasks))) as pool:
-        # Strict mode needs results in file order so that the first error reported is the first in the file.
-        results = pool.imap(_convert_shard, tasks) if strict else pool.imap_unordered(_convert_shard, tasks)
-        yield from results
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+        futures = [pool.submit(_convert_shard, task) for task in tasks]
+        try:
+            # Strict mode needs results in file order so that the first error reported is the first in the file.
+            for future in futures if strict else as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _finish(
