@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from biomedgpt.data.chat_templates import IMAGE_PLACEHOLDER
 from biomedgpt.data.images import decode_image
-from biomedgpt.data.parquet_shards import ShardSink, write_index
+from biomedgpt.data.parquet_shards import ShardSink, rejection_failure, write_index
 from biomedgpt.output_dirs import check_output_dir, replace_output_dir, staging_dir
 
 __all__ = ["ConversationConversionError", "ConversationSummary", "convert_conversations"]
@@ -244,7 +244,9 @@ def convert_conversations(
         sink.close()
         summary.rejected = dict(rejected.most_common())
         summary.shards = len(sink.shards)
-        problem = _failure(summary, max_reject_ratio)
+        problem = rejection_failure(
+            summary.records_kept, summary.records_read, summary.rejected, "conversation", max_reject_ratio
+        )
         summary.failed = problem is not None
         (staging / SUMMARY_BASENAME).write_text(json.dumps(summary.to_json(), indent=1) + "\n", encoding="utf-8")
         if problem is None:
@@ -252,26 +254,8 @@ def convert_conversations(
             write_index(str(staging), sink.shards, meta)
         replace_output_dir(staging, out, tool=TOOL, overwrite=overwrite)
     except BaseException:
-        if sink.writer is not None:
-            sink.writer.abort()
-        if staging.exists():
-            import shutil
-
-            shutil.rmtree(staging)  # our own staging folder: nothing else is in it
+        sink.discard()
         raise
     if problem is not None:
         raise ConversationConversionError(f"{problem}; see {Path(out) / REJECTS_BASENAME}", summary)
     return summary
-
-
-def _failure(summary: ConversationSummary, max_reject_ratio: float) -> str | None:
-    rejected = sum(summary.rejected.values())
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.rejected.items())
-    if summary.records_kept == 0:
-        return f"no conversation kept of {summary.records_read} read ({reasons or 'no input'})"
-    if rejected / summary.records_read > max_reject_ratio:
-        return (
-            f"{rejected} of {summary.records_read} conversations rejected ({reasons}), more than "
-            f"max_reject_ratio={max_reject_ratio}"
-        )
-    return None

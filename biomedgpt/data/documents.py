@@ -40,7 +40,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from biomedgpt.data.parquet_shards import ShardSink, read_index, write_index
+from biomedgpt.data.parquet_shards import ShardSink, read_index, rejection_failure, write_index
 from biomedgpt.output_dirs import check_output_dir, replace_output_dir, staging_dir
 
 __all__ = [
@@ -321,7 +321,9 @@ def convert_documents(
         sink.close()
         summary.rejected = dict(rejected.most_common())
         summary.shards = len(sink.shards)
-        problem = _failure(summary, max_reject_ratio)
+        problem = rejection_failure(
+            summary.documents_kept, summary.documents_read, summary.rejected, "document", max_reject_ratio
+        )
         summary.failed = problem is not None
         (staging / SUMMARY_BASENAME).write_text(json.dumps(summary.to_json(), indent=1) + "\n", encoding="utf-8")
         if problem is None:
@@ -338,29 +340,11 @@ def convert_documents(
             write_index(str(staging), sink.shards, meta)
         replace_output_dir(staging, out, tool=TOOL, overwrite=overwrite)
     except BaseException:
-        if sink.writer is not None:
-            sink.writer.abort()
-        if staging.exists():
-            import shutil
-
-            shutil.rmtree(staging)  # our own staging folder: nothing else is in it
+        sink.discard()
         raise
     if problem is not None:
         raise DocumentConversionError(f"{problem}; see {Path(out) / REJECTS_BASENAME}", summary)
     return summary
-
-
-def _failure(summary: DocumentSummary, max_reject_ratio: float) -> str | None:
-    rejected = sum(summary.rejected.values())
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.rejected.items())
-    if summary.documents_kept == 0:
-        return f"no document kept of {summary.documents_read} read ({reasons or 'no input'})"
-    if summary.documents_read and rejected / summary.documents_read > max_reject_ratio:
-        return (
-            f"{rejected} of {summary.documents_read} documents rejected ({reasons}), more than "
-            f"max_reject_ratio={max_reject_ratio}"
-        )
-    return None
 
 
 def token_shards_meta(directory: str) -> dict[str, Any]:

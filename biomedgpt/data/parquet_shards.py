@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
@@ -47,6 +48,7 @@ __all__ = [
     "ShardInfo",
     "ShardSink",
     "iter_rows",
+    "rejection_failure",
     "read_index",
     "register_parquet_reader",
     "shard_basename",
@@ -217,6 +219,27 @@ class ShardSink:
         if self.writer is not None:
             self.shards.append(self.writer.close())
             self.writer = None
+
+    def discard(self) -> None:
+        """After a failed conversion: abort the open shard and remove the staging ``directory`` (this sink's own
+        folder: nothing else is in it)."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+
+
+def rejection_failure(kept: int, read: int, rejected: dict[str, int], noun: str, max_reject_ratio: float) -> str | None:
+    """Why a conversion that kept ``kept`` of ``read`` items (``rejected``: count by reason) cannot be used, or None:
+    nothing kept, or more than ``max_reject_ratio`` of them rejected. ``noun`` names the items (singular)."""
+    total = sum(rejected.values())
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in rejected.items())
+    if kept == 0:
+        return f"no {noun} kept of {read} read ({reasons or 'no input'})"
+    if read and total / read > max_reject_ratio:
+        return f"{total} of {read} {noun}s rejected ({reasons}), more than max_reject_ratio={max_reject_ratio}"
+    return None
 
 
 def shard_index_entry(info: ShardInfo) -> dict[str, Any]:

@@ -62,7 +62,7 @@ class VisionChatForTraining(CausalLMForTraining):
             # image at weight 0 (as LLaVA does): every rank runs the same modules (ZeRO-3 gathers them collectively,
             # ZeRO-2 reduces the same gradients) and a projector-only stage still has a gradient.
             size = int(self.model.config.vision_config.image_size)
-            dtype = llava.multi_modal_projector.parameters().__next__().dtype
+            dtype = next(llava.multi_modal_projector.parameters()).dtype
             blank = torch.zeros(1, 3, size, size, dtype=dtype, device=input_ids.device)
             features = llava.get_image_features(pixel_values=blank)
             out = dataclasses.replace(out, loss=out.loss + 0.0 * sum(f.sum() for f in features))
