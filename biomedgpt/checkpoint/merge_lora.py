@@ -6,21 +6,22 @@
 ``lora`` entry dropped from the config), with the tokenizer and image processor: ``LlavaForConditionalGeneration``
 loads it (a ``mlp2x_gelu`` projector) and it trains further (``model.init_from``), e.g. with a new adapter.
 
-``adapter_dir`` also writes the adapters as PEFT saves them (``adapter_config.json``, ``adapter_model.safetensors``)
-plus ``non_lora_trainables.safetensors`` (the projector, which trains beside the adapters), as LLaVA ships its
-LoRA checkpoints.
+``adapter_dir`` also writes the adapters as PEFT saves them (``adapter_config.json``, ``adapter_model.safetensors``;
+an adapter trained on top of earlier ones in a subfolder of its name, as ``PeftModel.save_pretrained`` places
+adapters other than ``default``) plus ``non_lora_trainables.safetensors``: every other parameter that trained beside
+the adapters (the run's ``model.trainable`` patterns, recorded in the config; the projector by default), as LLaVA
+ships its LoRA checkpoints.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from biomedgpt.checkpoint.errors import ConsolidationError
 from biomedgpt.output_dirs import OutputDirError, check_output_dir, replace_output_dir, staging_dir
@@ -30,6 +31,7 @@ __all__ = ["MergeResult", "merge_lora"]
 TOOL = "biomedgpt-merge-lora"
 CARRIED_FILES = ("preprocessor_config.json", "processor_config.json")
 NON_LORA_TRAINABLES = "non_lora_trainables.safetensors"
+PROJECTOR_PATTERN = "model.multi_modal_projector.*"  # what trains beside the adapters when the config names nothing
 
 
 @dataclass
@@ -59,12 +61,11 @@ def merge_lora(
     overwrite: bool = False,
 ) -> MergeResult:
     from peft import LoraConfig
-    from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from biomedgpt.model.vision_chat import load_vision_chat_model
+    from biomedgpt.model.vision_chat import load_vision_chat_model, lora_adapters, merge_lora_layers
 
     source, output = Path(model_dir), Path(output_dir)
     outputs = [output] + ([Path(adapter_dir)] if adapter_dir is not None else [])
@@ -75,10 +76,10 @@ def merge_lora(
         raise ConsolidationError(str(error)) from None
     config_path = source / "config.json"
     try:
-        lora = json.loads(config_path.read_text()).get("lora")
+        recorded = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ConsolidationError(f"{config_path}: not a readable model config ({error})") from error
-    if not lora:
+    if not recorded.get("lora"):
         raise ConsolidationError(f"{source}: its config.json has no LoRA settings: nothing to merge")
     model, info = load_vision_chat_model(source)
     problems = [f"{kind}: {', '.join(keys[:5])}" for kind, keys in info.items() if keys]
@@ -87,28 +88,29 @@ def merge_lora(
     model.eval()
 
     if adapter_dir is not None:
-        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                 target_modules=lora["targets"], bias="none")  # fmt: skip
-        # Keyed as a PeftModel saves them (its wrapper adds base_model.model.): PeftModel.from_pretrained loads them.
-        adapters = {f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        trainables = {n: p.detach().contiguous() for n, p in model.named_parameters() if ".multi_modal_projector." in n}
+        adapters = lora_adapters(model.config)
+        patterns = recorded.get("trainable") or [PROJECTOR_PATTERN]
+        trainables = {
+            name: parameter.detach().contiguous()
+            for name, parameter in model.named_parameters()
+            if ".lora_" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        }
 
         def write_adapter(staging: Path) -> None:
-            peft_config.save_pretrained(staging)
-            save_file(adapters, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+            for adapter in adapters:
+                folder = staging if adapter["name"] == "default" else staging / adapter["name"]
+                LoraConfig(r=adapter["r"], lora_alpha=adapter["alpha"], lora_dropout=adapter["dropout"],
+                           target_modules=adapter["targets"], bias="none").save_pretrained(folder)  # fmt: skip
+                state = get_peft_model_state_dict(model, adapter_name=adapter["name"])
+                # Keyed as a PeftModel saves them (its wrapper adds base_model.model.): PeftModel.from_pretrained
+                # loads them.
+                state = {f"base_model.model.{k}": v.contiguous() for k, v in state.items()}
+                save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
             save_file(trainables, str(staging / NON_LORA_TRAINABLES), metadata={"format": "pt"})
 
         _write(staging_dir(adapter_dir), Path(adapter_dir), overwrite, write_adapter)
 
-    merged = 0
-    with torch.no_grad():
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LoraLayer):
-                module.merge()
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-                merged += 1
-    del model.config.lora
+    merged = merge_lora_layers(model)
     tokenizer = AutoTokenizer.from_pretrained(source)
 
     def write_model(staging: Path) -> None:

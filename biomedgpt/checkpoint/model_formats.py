@@ -169,13 +169,13 @@ class VisionChatFormat(CausalLMFormat):
         return getattr(config, "model_type", None) == "llava"
 
     def meta_model(self, config: Any) -> torch.nn.Module:
-        from biomedgpt.model.vision_chat import add_lora, build_vision_chat_model
+        from biomedgpt.model.vision_chat import build_vision_chat_model, lora_adapters, restore_lora
 
         with torch.device("meta"):
             model = build_vision_chat_model(config, getattr(config, "projector_type", "mlp2x_gelu"))
-            lora = getattr(config, "lora", None)
-            if lora:  # trained adapters are written as they are (unmerged): biomedgpt-merge-lora folds them in
-                add_lora(model, lora["r"], lora["alpha"], lora["dropout"], targets=lora["targets"])
+            adapters = lora_adapters(config)
+            if adapters:  # trained adapters are written as they are (unmerged): biomedgpt-merge-lora folds them in
+                restore_lora(model, adapters)
         return model
 
     def load(self, directory: Path) -> tuple[torch.nn.Module, dict[str, list[str]]]:

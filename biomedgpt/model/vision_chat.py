@@ -16,6 +16,7 @@ image feature (:func:`image_feature_count`), and the model puts the projected fe
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,14 @@ __all__ = [
     "MultiModalProjector",
     "build_vision_chat_model",
     "image_feature_count",
-    "load_parts",
+    "assemble_vision_chat_model",
     "load_vision_chat_model",
     "add_lora",
+    "lora_adapters",
+    "lora_parameter_patterns",
     "lora_targets",
-    "LORA_PARAMETER_PATTERNS",
+    "merge_lora_layers",
+    "restore_lora",
     "projector_layers",
     "vision_chat_config",
 ]
@@ -128,8 +132,8 @@ def image_feature_count(config: Any) -> int:
 
 
 def build_vision_chat_model(config: Any, projector: str = "mlp2x_gelu") -> nn.Module:
-    """``LlavaForConditionalGeneration`` of ``config`` (freshly initialised; see :func:`load_parts`) with the projector
-    of kind ``projector``."""
+    """``LlavaForConditionalGeneration`` of ``config``, freshly initialised, with the projector of kind ``projector``
+    (:func:`assemble_vision_chat_model` loads parts from directories)."""
     from transformers import LlavaForConditionalGeneration
 
     layers = projector_layers(projector)
@@ -141,37 +145,63 @@ def build_vision_chat_model(config: Any, projector: str = "mlp2x_gelu") -> nn.Mo
     return model
 
 
-def load_parts(model: nn.Module, vision: str | None, language: str | None) -> list[str]:
-    """Copy the weights of the vision tower directory ``vision`` and the causal LM directory ``language`` into
-    ``model`` (each part as its own ``from_pretrained`` loads it); returns the keys left at their initial values."""
-    from transformers import AutoModel, AutoModelForCausalLM
+def assemble_vision_chat_model(
+    config: Any, projector: str, vision: str | None, language: str | None, zero3_config: dict[str, Any] | None = None
+) -> nn.Module:
+    """``LlavaForConditionalGeneration`` of ``config`` whose vision tower is loaded from the directory ``vision`` and
+    whose language model and head from the causal LM directory ``language`` (each part through its own
+    ``from_pretrained``, which reads any layout transformers reads: a full CLIP model gives its vision half, sharded
+    safetensors, tied heads); a part without a directory is built from its config. With ``zero3_config`` (a ZeRO-3
+    DeepSpeed config) every part is built or loaded partitioned, so no rank ever holds the whole model: transformers
+    does that while a ``HfDeepSpeedConfig`` is alive, and the projector is built inside ``deepspeed.zero.Init``.
 
-    untouched = {name for name, _ in model.named_parameters()}
+    A directory whose weights do not fill its part (it would train partly random) is an error naming the keys."""
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        CLIPVisionModel,
+        LlavaForConditionalGeneration,
+        SiglipVisionModel,
+    )
+    from transformers.integrations import HfDeepSpeedConfig
+
+    layers = projector_layers(projector)
+    with torch.device("meta"):  # the frame only: every part below replaces its meta counterpart
+        model = LlavaForConditionalGeneration(config)
+    keep = HfDeepSpeedConfig(zero3_config) if zero3_config is not None else None  # noqa: F841 (alive while building)
+
+    def loaded(model_class: Any, directory: str, what: str) -> nn.Module:
+        part, info = model_class.from_pretrained(directory, output_loading_info=True)
+        if info["missing_keys"]:
+            raise ValueError(
+                f"{what}={directory}: {len(info['missing_keys'])} weights are not in the directory and would stay "
+                f"random ({', '.join(info['missing_keys'][:4])}); is it the model its key says?"
+            )
+        return part
+
+    towers = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
     if vision is not None:
-        state = _vision_state(AutoModel.from_pretrained(vision).state_dict(), model)
-        if not state:
-            raise ValueError(f"{vision}: no weights of a CLIP or SigLIP vision tower there")
-        model.model.vision_tower.load_state_dict(state, strict=False)
-        untouched -= {f"model.vision_tower.{k}" for k in state}
+        tower = loaded(towers[config.vision_config.model_type], vision, "model.vision")
+    else:
+        tower = AutoModel.from_config(config.vision_config)
     if language is not None:
-        lm = AutoModelForCausalLM.from_pretrained(language)
-        model.model.language_model.load_state_dict(lm.base_model.state_dict())
-        model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
-        untouched -= {f"model.language_model.{k}" for k in lm.base_model.state_dict()}
-        untouched -= {f"lm_head.{k}" for k in lm.get_output_embeddings().state_dict()}
-    return sorted(untouched)
+        lm = loaded(AutoModelForCausalLM, language, "model.language")
+    else:
+        lm = AutoModelForCausalLM.from_config(config.text_config)
+    vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
+    if zero3_config is not None:
+        import deepspeed
 
-
-def _vision_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CLIP/SigLIP checkpoint's keys as the tower module names them (a full CLIPModel's vision half, too)."""
-    own = set(model.model.vision_tower.state_dict())
-    out = {}
-    for key, value in state.items():
-        for candidate in (key, key.removeprefix("vision_model."), f"vision_model.{key}"):
-            if candidate in own:
-                out[candidate] = value
-                break
-    return out
+        with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+            head = MultiModalProjector(vision_width, text_width, layers)
+    else:
+        head = MultiModalProjector(vision_width, text_width, layers)
+    model.model.vision_tower = tower
+    model.model.multi_modal_projector = head
+    model.model.language_model = lm.base_model
+    model.lm_head = lm.get_output_embeddings()
+    model.config.projector_type = projector
+    return model
 
 
 def load_vision_chat_model(directory: str | Path, **kwargs: Any) -> tuple[nn.Module, dict[str, list[str]]]:
@@ -181,14 +211,14 @@ def load_vision_chat_model(directory: str | Path, **kwargs: Any) -> tuple[nn.Mod
 
     config = AutoConfig.from_pretrained(directory)
     projector = getattr(config, "projector_type", "mlp2x_gelu")
-    lora = getattr(config, "lora", None)
+    lora = lora_adapters(config)
     if projector_layers(projector) == 2 and not lora:  # transformers' own layout
         return LlavaForConditionalGeneration.from_pretrained(directory, output_loading_info=True, **kwargs)
     from safetensors.torch import load_file
 
     model = build_vision_chat_model(config, projector)
     if lora:  # the adapters as trained, unmerged (biomedgpt-merge-lora folds them in)
-        add_lora(model, lora["r"], lora["alpha"], lora["dropout"], exclude=(), targets=lora["targets"])
+        restore_lora(model, lora)
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(Path(directory).glob("model*.safetensors")):
         state.update(load_file(shard))
@@ -197,23 +227,34 @@ def load_vision_chat_model(directory: str | Path, **kwargs: Any) -> tuple[nn.Mod
     return model, {"missing_keys": [k for k in missing if k not in tied], "unexpected_keys": list(unexpected)}
 
 
-LORA_PARAMETER_PATTERNS = ("*.lora_A.*", "*.lora_B.*")
+def lora_parameter_patterns(adapter: str) -> list[str]:
+    """fnmatch patterns of adapter ``adapter``'s parameters (PEFT names them ``….lora_A.<adapter>.weight``)."""
+    return [f"*.lora_A.{adapter}.*", f"*.lora_B.{adapter}.*"]
+
+
+def lora_adapters(config: Any) -> list[dict[str, Any]]:
+    """The LoRA adapters a model config records (``config.lora``), in the order they were added; [] for none."""
+    recorded = getattr(config, "lora", None) or []
+    return [dict(recorded, name="default")] if isinstance(recorded, dict) else [dict(a) for a in recorded]
 
 
 def lora_targets(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
     """Every linear layer of the language model (LLaVA's ``find_all_linear_names``: the attention and MLP
     projections), by full module name; the output head and the projector are never adapted, nor names matching one
-    of the fnmatch patterns ``exclude``."""
+    of the fnmatch patterns ``exclude``. A layer already adapted counts once (not its ``base_layer``)."""
     import fnmatch
 
+    from peft.tuners.lora import LoraLayer
+
     prefix = "model.language_model."
-    return [
-        name
-        for name, module in model.named_modules()
-        if name.startswith(prefix)
-        and isinstance(module, nn.Linear)
-        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
-    ]
+    names = []
+    for name, module in model.named_modules():
+        if not name.startswith(prefix) or any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            continue
+        inside_adapter = ".lora_" in name or name.endswith(".base_layer")
+        if isinstance(module, LoraLayer) or (isinstance(module, nn.Linear) and not inside_adapter):
+            names.append(name)
+    return names
 
 
 def add_lora(
@@ -223,16 +264,53 @@ def add_lora(
     dropout: float,
     exclude: tuple[str, ...] = (),
     targets: list[str] | None = None,
-) -> list[str]:
-    """LoRA adapters (PEFT, injected in place: parameter names stay the model's, plus ``.lora_A``/``.lora_B`` and
-    ``.base_layer``) on the language model's linear layers; returns the adapted module names. The settings are kept in
-    ``model.config.lora`` so that a consolidated directory can be loaded and merged."""
+    name: str | None = None,
+) -> str:
+    """A LoRA adapter (PEFT, injected in place: parameter names stay the model's, plus ``.lora_A.<name>``/
+    ``.lora_B.<name>`` and ``.base_layer``) on the language model's linear layers; returns its name (``default`` for
+    the first, ``adapter_2``, ... for one on top of earlier ones, which stay active: their sum is the model). The
+    settings are appended to ``model.config.lora`` so that a consolidated directory can be loaded and merged."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
 
+    adapters = lora_adapters(model.config)
+    name = name or ("default" if not adapters else f"adapter_{len(adapters) + 1}")
     targets = list(targets) if targets is not None else lora_targets(model, exclude)
     if not targets:
         raise ValueError("LoRA: no linear layer of the language model is left to adapt (model.lora.exclude)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    inject_adapter_in_model(config, model)
-    model.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}
-    return targets
+    with warnings.catch_warnings():  # PEFT warns that a second adapter makes several: that is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):  # every adapter a layer holds is active (a new one on top of the others)
+            module.set_adapter(list(module.lora_A.keys()))
+    adapters.append({"name": name, "r": r, "alpha": alpha, "dropout": dropout, "targets": targets})
+    model.config.lora = adapters
+    return name
+
+
+def restore_lora(model: nn.Module, adapters: list[dict[str, Any]]) -> None:
+    """The adapters a config records (:func:`lora_adapters`), injected again, in order, to load trained weights."""
+    model.config.lora = []
+    for adapter in adapters:
+        add_lora(model, adapter["r"], adapter["alpha"], adapter["dropout"], targets=adapter["targets"],
+                 name=adapter["name"])  # fmt: skip
+
+
+def merge_lora_layers(model: nn.Module) -> int:
+    """Fold every adapter into its layer's weight (``W + alpha/r · B A`` per adapter) and put the plain layers back;
+    drops ``model.config.lora``. Returns how many layers were merged."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge(adapter_names=list(module.lora_A.keys()))
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+                merged += 1
+    if hasattr(model.config, "lora"):
+        del model.config.lora
+    return merged

@@ -1,4 +1,5 @@
-"""Perplexity on a held-out split of token rows, the causal_lm recipe's validation.
+"""Perplexity on a held-out split, the validation of the Hugging Face recipes: token rows (``causal_lm``) or
+conversations (``vision_chat``: the loss on the assistant's tokens).
 
 Every rank scores its share of the rows (row ``i`` goes to rank ``i % world``) with the training module itself: under
 ZeRO-3 its forward gathers each layer's weights as training does, so no rank ever holds the whole model, and every
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from biomedgpt.data.parquet_shards import iter_rows
-from biomedgpt.data.token_stream import TokenCollator, token_row
+from biomedgpt.data.token_stream import token_row
 from biomedgpt.runtime.collectives import all_reduce
 
 __all__ = ["PerplexityValidator"]
@@ -35,15 +36,16 @@ class PerplexityValidator:
         every_steps: int,
         max_steps: int,
         batch_size: int,
-        collator: TokenCollator,
+        collator: Callable[[list[Any]], dict[str, torch.Tensor]],
         model_inputs: Callable[[dict[str, torch.Tensor], torch.device], dict[str, torch.Tensor]],
         rank: int,
         world_size: int,
         device: torch.device,
         limit: int | None = None,
+        example: Callable[[dict[str, Any]], Any] = token_row,
     ) -> None:
-        try:
-            rows = [token_row(row) for row in iter_rows(data, limit)]
+        try:  # a row that cannot be an example stops the run here, named (the split is small and read whole)
+            rows = [example(row) for row in iter_rows(data, limit)]
         except ValueError as error:
             raise ValueError(f"validation.data={data}: {error}") from error
         if not rows:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import importlib.util
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,15 @@ from torch import nn
 from biomedgpt.checkpoint.layout import TOKENIZER_DIR
 from biomedgpt.data.chat_templates import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from biomedgpt.model.vision_chat import (
-    LORA_PARAMETER_PATTERNS,
     add_lora,
+    assemble_vision_chat_model,
     build_vision_chat_model,
     image_feature_count,
-    load_parts,
+    lora_parameter_patterns,
+    projector_layers,
     vision_chat_config,
 )
+from biomedgpt.train.config import deepspeed_config_path
 from biomedgpt.train.decoder_flops import decoder_forward_flops
 from biomedgpt.train.engine import zero_stage
 from biomedgpt.train.recipes.base import DataPlan, Recipe, StepLoss
@@ -51,6 +55,9 @@ class VisionChatForTraining(CausalLMForTraining):
         pixel_values: torch.Tensor | None = None,
     ) -> Any:
         llava = self.model.model  # LlavaModel: the tower, the projector and the LM without its head
+        dtype = next(llava.multi_modal_projector.parameters()).dtype  # the images in the weights' precision
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(dtype)
         out = self.loss_of_hidden(
             llava(
                 input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False
@@ -62,7 +69,6 @@ class VisionChatForTraining(CausalLMForTraining):
             # image at weight 0 (as LLaVA does): every rank runs the same modules (ZeRO-3 gathers them collectively,
             # ZeRO-2 reduces the same gradients) and a projector-only stage still has a gradient.
             size = int(self.model.config.vision_config.image_size)
-            dtype = next(llava.multi_modal_projector.parameters()).dtype
             blank = torch.zeros(1, 3, size, size, dtype=dtype, device=input_ids.device)
             features = llava.get_image_features(pixel_values=blank)
             out = dataclasses.replace(out, loss=out.loss + 0.0 * sum(f.sum() for f in features))
@@ -99,6 +105,28 @@ class VisionChatRecipe(Recipe):
     name = "vision_chat"
 
     config: VisionChatTrainConfig
+
+    @classmethod
+    def check_environment(cls, config: VisionChatTrainConfig) -> None:
+        """QLoRA (``model.lora.quantize``) needs CUDA and bitsandbytes: refused before any process group otherwise."""
+        lora = config.model.lora
+        if lora is None or lora.quantize is None:
+            return
+        if config.model.init_from is None:
+            raise ValueError("model.lora.quantize: QLoRA quantizes a trained model as it loads: set model.init_from")
+        ds_path = deepspeed_config_path(config.deepspeed_config)
+        if zero_stage(json.loads(ds_path.read_text())) == 3:
+            raise ValueError(
+                f"model.lora.quantize with deepspeed_config={config.deepspeed_config}: ZeRO-3 does not partition the "
+                "4-bit weights here; use ZeRO-2 (zero2_bf16.json): a frozen 4-bit model fits where a full one does not"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"model.lora.quantize={lora.quantize}: 4-bit QLoRA runs on CUDA GPUs only (bitsandbytes' kernels) and "
+                "this machine has none; train LoRA on full-precision weights here (drop model.lora.quantize)"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"model.lora.quantize={lora.quantize} needs bitsandbytes: pip install bitsandbytes")
 
     def build_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -153,68 +181,78 @@ class VisionChatRecipe(Recipe):
                     f"model.init_from={section.init_from} puts images at token {config.image_token_index} but the "
                     f"tokenizer's {IMAGE_PLACEHOLDER} is {image_token_id}: use the tokenizer saved with that model"
                 )
-            if getattr(config, "lora", None):
-                raise ValueError(
-                    f"model.init_from={section.init_from} holds unmerged LoRA adapters: fold them in first with "
-                    "biomedgpt-merge-lora IN_DIR OUT_DIR and start from OUT_DIR (a new adapter can train on top)"
-                )
-            model = self._load_previous_stage(section.init_from, config, ds_config)
+            quantize = section.lora.quantize if section.lora is not None else None
+            model = self._load_previous_stage(section.init_from, config, ds_config, section.previous_lora, quantize)
+        elif section.vision or section.language:
+            zero3 = copy.deepcopy(dict(ds_config)) if zero_stage(dict(ds_config)) == 3 else None
+            model = assemble_vision_chat_model(config, section.projector, section.vision, section.language, zero3)
         elif zero_stage(dict(ds_config)) == 3:
-            if section.vision or section.language:
-                raise ValueError(
-                    "loading the vision tower or language model from a directory under ZeRO-3 is not supported yet: "
-                    "train this stage with a ZeRO-2 deepspeed_config (zero2_cpu.json, zero2_bf16.json)"
-                )
             import deepspeed
 
             with deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(dict(ds_config))):
                 model = build_vision_chat_model(config, section.projector)
         else:
             model = build_vision_chat_model(config, section.projector)
-            untouched = load_parts(model, section.vision, section.language)
-            prefixes = (("model.vision_tower.",) if section.vision else ()) + (
-                ("model.language_model.", "lm_head.") if section.language else ()
-            )
-            left = [name for name in untouched if name.startswith(prefixes)]
-            if left:
-                raise ValueError(
-                    f"model.vision / model.language: {len(left)} weights were not in the directories and would stay "
-                    f"random ({', '.join(left[:4])}); is each the model its key says?"
-                )
         if len(self.tokenizer) > config.text_config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} ids (with {IMAGE_PLACEHOLDER}) but the language model has "
                 f"vocab_size={config.text_config.vocab_size}; give a language model whose vocabulary holds it"
             )
         patterns = list(section.trainable)
+        model.config.trainable = patterns  # what trains beside the adapters: biomedgpt-merge-lora --adapter-out
+        # How prompts were written, for biomedgpt-eval / biomedgpt-generate on the consolidated directory.
+        model.config.chat = {"template": self.config.data.template, "system": self.config.data.system}
         if section.lora is not None:
             lora = section.lora
-            add_lora(model, lora.r, lora.alpha, lora.dropout, tuple(lora.exclude))
-            patterns += LORA_PARAMETER_PATTERNS
+            name = add_lora(model, lora.r, lora.alpha, lora.dropout, tuple(lora.exclude))
+            patterns += lora_parameter_patterns(name)
         apply_trainable(model, patterns)
         if section.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return VisionChatForTraining(model, section.loss_chunk_size)
 
     @staticmethod
-    def _load_previous_stage(directory: str, config: Any, ds_config: Mapping[str, Any]) -> nn.Module:
-        """A consolidated vision_chat model, loaded partitioned under ZeRO-3 (transformers' DeepSpeed integration)."""
+    def _load_previous_stage(
+        directory: str, config: Any, ds_config: Mapping[str, Any], previous_lora: str, quantize: str | None = None
+    ) -> nn.Module:
+        """A consolidated vision_chat model, loaded partitioned under ZeRO-3 (transformers' DeepSpeed integration).
+        Its LoRA adapters, if any, are merged into the weights or kept (``previous_lora``); a model with adapters is
+        loaded whole and partitioned by the engine (PEFT's layers are not transformers' layout). ``quantize="4bit"``
+        (QLoRA, GPU only, see :meth:`check_environment`) stores the language model's linear weights in 4-bit NF4 with
+        double quantization (QLoRA's recipe), computing in bf16; the tower, projector and head stay as they are."""
         from transformers.integrations import HfDeepSpeedConfig
 
-        from biomedgpt.model.vision_chat import load_vision_chat_model, projector_layers
+        from biomedgpt.model.vision_chat import load_vision_chat_model, lora_adapters, merge_lora_layers
 
         zero3 = zero_stage(dict(ds_config)) == 3
-        if zero3 and projector_layers(getattr(config, "projector_type", "mlp2x_gelu")) != 2:
+        adapters = lora_adapters(config)
+        if zero3 and not adapters and projector_layers(getattr(config, "projector_type", "mlp2x_gelu")) != 2:
             raise ValueError(
                 f"model.init_from={directory}: a {config.projector_type} projector loads under ZeRO-2 only (ZeRO-3 "
                 "loading goes through transformers' Llava, whose projector is mlp2x_gelu)"
             )
-        keep = HfDeepSpeedConfig(copy.deepcopy(dict(ds_config))) if zero3 else None
-        model, info = load_vision_chat_model(directory, attn_implementation=config.text_config._attn_implementation)
+        keep = HfDeepSpeedConfig(copy.deepcopy(dict(ds_config))) if zero3 and not adapters else None
+        extra: dict[str, Any] = {}
+        if quantize is not None:
+            if adapters:
+                raise ValueError(f"model.init_from={directory}: for QLoRA, merge its adapters (biomedgpt-merge-lora)")
+            from transformers import BitsAndBytesConfig
+
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+            )  # fmt: skip
+            extra["device_map"] = {"": torch.cuda.current_device()}
+        model, info = load_vision_chat_model(
+            directory, attn_implementation=config.text_config._attn_implementation, **extra
+        )
         del keep
         problems = [f"{kind}: {', '.join(keys[:5])}" for kind, keys in info.items() if keys]
         if problems:
             raise ValueError(f"model.init_from={directory}: the weights do not fit the model ({'; '.join(problems)})")
+        if adapters and previous_lora == "merge":
+            merge_lora_layers(model)
         return model
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -243,13 +281,12 @@ class VisionChatRecipe(Recipe):
         size = int((section.vision_config or {}).get("image_size", 224))
         return image_processor_for(vision, size)
 
-    def build_data(self) -> DataPlan:
-        from biomedgpt.data.pipeline import make_loader
-        from biomedgpt.data.vision_chat import ChatExampleBuilder, ConversationStream, VisionChatCollator
+    def example_builder(self) -> Any:
+        from biomedgpt.data.vision_chat import ChatExampleBuilder
 
-        data, batch = self.config.data, self.config.batch
+        data = self.config.data
         image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-        builder = ChatExampleBuilder(
+        return ChatExampleBuilder(
             self.tokenizer,
             self.image_processor(),
             data.template,
@@ -257,28 +294,60 @@ class VisionChatRecipe(Recipe):
             max_length=data.max_length,
             system=data.system,
         )
+
+    def collator(self) -> Any:
+        from biomedgpt.data.vision_chat import VisionChatCollator
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return VisionChatCollator(int(pad))
+
+    def build_data(self) -> DataPlan:
+        from biomedgpt.data.pipeline import make_loader
+        from biomedgpt.data.vision_chat import ConversationStream
+
+        data, batch = self.config.data, self.config.batch
         dataset = ConversationStream(
             str(data.train),
-            builder,
+            self.example_builder(),
             batch_size=batch.micro_batch_size,
             shuffle=data.shuffle,
             shuffle_algo=data.shuffle_algo,
             shuffle_seed=data.seed,
             num_canonical_nodes=data.num_canonical_nodes,
         )
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        loader = make_loader(dataset, batch.micro_batch_size, VisionChatCollator(int(pad)), data.num_workers)
+        loader = make_loader(dataset, batch.micro_batch_size, self.collator(), data.num_workers)
         return DataPlan(dataset, loader, ["main"])
+
+    def build_validator(self, rank: int, world_size: int, device: torch.device) -> Any | None:
+        """Perplexity of the assistant's tokens on held-out conversation shards (``validation.data``)."""
+        from biomedgpt.train.perplexity import PerplexityValidator
+
+        section = self.config.validation
+        if not section.data:
+            return None
+        return PerplexityValidator(
+            section.data,
+            every_steps=section.every_steps,
+            max_steps=self.config.optim.max_steps,
+            batch_size=section.batch_size,
+            collator=self.collator(),
+            model_inputs=self.model_inputs,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            limit=section.limit,
+            example=self.example_builder(),
+        )
 
     def target_tokens(self, batch: Any, completed_steps: int) -> int:
         return int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
 
+    @staticmethod
+    def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        return {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if key in batch}
+
     def forward_loss(self, engine: Any, batch: Any, completed_steps: int, device: torch.device) -> StepLoss:
-        dtype = next((p.dtype for p in engine.module.parameters() if p.is_floating_point()), torch.float32)
-        inputs = {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if key in batch}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        out = engine(**inputs)
+        out = engine(**self.model_inputs(batch, device))
         return StepLoss(out.loss, out.per_example, out.per_example_tokens)
 
     def input_tokens(self, batch: Any) -> int:

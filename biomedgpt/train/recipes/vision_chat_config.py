@@ -26,10 +26,15 @@ class LoraSection:
     alpha: int = 256
     dropout: float = 0.05
     exclude: list[str] = field(default_factory=list)  # module-name patterns not to adapt (the head never is)
+    # "4bit": QLoRA, the language model's frozen linear weights stored as 4-bit NormalFloat (bitsandbytes, CUDA
+    # GPUs only, from model.init_from, ZeRO-2 or less), the adapters trained in bf16 on top.
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:
             raise ValueError(f"model.lora.r={self.r} and model.lora.alpha={self.alpha} must be >= 1")
+        if self.quantize not in (None, "4bit"):
+            raise ValueError(f"model.lora.quantize={self.quantize!r}: 4bit (QLoRA) or null")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.lora.dropout={self.dropout} must lie in [0, 1)")
 
@@ -51,6 +56,9 @@ class VisionChatModelSection:
     projector_lr: float | None = None  # None: optim.lr
     # LoRA on the language model (its adapters train beside model.trainable), or None for none.
     lora: LoraSection | None = None
+    # When model.init_from holds LoRA adapters (a stage-2 result): merge them into the weights first, or keep them,
+    # frozen and active, under a new model.lora adapter that trains on top ("stack").
+    previous_lora: Literal["merge", "stack"] = "merge"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 1024
@@ -121,5 +129,4 @@ class VisionChatTrainConfig(RunSettings):
             raise ValueError(
                 "a language model built from model.language_config needs data.tokenizer (a Hugging Face tokenizer)"
             )
-        # Perplexity on held-out conversations is not built yet: refused rather than ignored.
-        self.check_run_settings(self.recipe, {"validation.data": self.validation.data is not None})
+        self.check_run_settings(self.recipe)
