@@ -5,6 +5,12 @@ Examples::
     biomedgpt-generate --model models/cap --image scan.dcm --prompt "what does the image describe?"
     biomedgpt-generate --model models/vqa --image xray.png --prompt "is there a fracture?" --answers yes,no
     biomedgpt-generate --model models/cap --batch requests.jsonl --out answers.jsonl
+    biomedgpt-generate --model models/vlm-merged --image ct.dcm --prompt "Which organ is shown?" --beam 1
+
+A vision-language chat model directory (a consolidated or merged ``vision_chat`` run, ``model_type`` llava) answers
+the prompt as the first user turn of a conversation (``<image>`` placed before the question unless the prompt has
+it) in the chat template it was trained with (``--template``/``--system`` override), up to ``--max-len-b`` new
+tokens; the other options below apply to BiomedGPT directories.
 
 Images may be PNG, JPEG or DICOM. The prompt is lowercased and gets a leading space, as the original prompts
 (``" what does the image describe?"``). ``--answers`` restricts the output to the listed answers (trie-constrained
@@ -23,7 +29,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
@@ -49,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size", type=int, default=None, help="patch image size (default: the model's fine-tuning one, else 256)"
     )
+    parser.add_argument("--template", default=None, help="chat model: chat template (default: the trained one)")
+    parser.add_argument("--system", default=None, help="chat model: system prompt (default: the trained one)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return parser
 
@@ -162,7 +170,24 @@ def _image_error(path: str, number: int, image: str, error: Exception) -> str:
     return message
 
 
-def _run_batch(generator: Generator, lines: Sequence[BatchLine], batch: str, out: TextIO) -> int:
+def _model_type(model_dir: str) -> str | None:
+    try:
+        return json.loads(Path(model_dir, "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # the model's own loader reports what is wrong with it
+
+
+def _chat_generator(args: argparse.Namespace) -> Callable[[str, str], str]:
+    from biomedgpt.evaluation.chat_answers import ChatAnswerer
+
+    answerer = ChatAnswerer(
+        args.model, template=args.template, system=args.system, beam=args.beam, max_new_tokens=args.max_len_b,
+        device=args.device,
+    )  # fmt: skip
+    return answerer.ask
+
+
+def _run_batch(generator: Callable[[str, str], str], lines: Sequence[BatchLine], batch: str, out: TextIO) -> int:
     """Answer every line, writing one output line each as it is done; returns how many failed."""
     failed = 0
     for line in lines:
@@ -211,16 +236,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"cannot read the batch file {args.batch}: {error}")
     if lines is not None and not lines:
         return fail(f"{args.batch}: no requests (expected one JSON object per line)")
+    chat = _model_type(args.model) == "llava"
+    if chat and (answers or args.image_size is not None):
+        return fail("--answers and --image-size apply to BiomedGPT models; a chat model generates freely")
+    if not chat and (args.template is not None or args.system is not None):
+        return fail("--template and --system apply to vision-language chat models (model_type llava)")
     try:
-        generator = Generator(
-            args.model,
-            beam=args.beam,
-            max_len_b=args.max_len_b,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-            answers=answers,
-            image_size=args.image_size,
-            device=args.device,
-        )
+        generator: Callable[[str, str], str]
+        if chat:
+            generator = _chat_generator(args)
+        else:
+            generator = Generator(
+                args.model,
+                beam=args.beam,
+                max_len_b=args.max_len_b,
+                no_repeat_ngram_size=args.no_repeat_ngram_size,
+                answers=answers,
+                image_size=args.image_size,
+                device=args.device,
+            )
         if lines is None:
             print(generator(args.image, args.prompt))
             return 0

@@ -199,7 +199,7 @@ class VisionChatRecipe(Recipe):
                 f"vocab_size={config.text_config.vocab_size}; give a language model whose vocabulary holds it"
             )
         patterns = list(section.trainable)
-        model.config.trainable = patterns  # what trains beside the adapters: biomedgpt-merge-lora --adapter-out
+        model.config.trainable = list(patterns)  # what trains beside the adapters: biomedgpt-merge-lora --adapter-out
         # How prompts were written, for biomedgpt-eval / biomedgpt-generate on the consolidated directory.
         model.config.chat = {"template": self.config.data.template, "system": self.config.data.system}
         if section.lora is not None:
