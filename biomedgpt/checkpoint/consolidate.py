@@ -68,6 +68,8 @@ __all__ = [
 TOOL = "biomedgpt-consolidate"
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
+# --trained-only: the parameters the optimizer held (LLaVA's stage-1 mm_projector.bin, for instance), in one file.
+TRAINED_WEIGHTS_NAME = "trained_parameters.safetensors"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
@@ -777,6 +779,7 @@ def consolidate_checkpoint(
     tokenizer: str | os.PathLike[str] | Any | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    trained_only: bool = False,
 ) -> ConsolidationResult:
     """Write ``output_dir`` (``config.json``, ``model*.safetensors`` with an index when sharded, tokenizer files)
     from a ZeRO checkpoint, loadable with ``BiomedGPTForConditionalGeneration.from_pretrained`` (a BiomedGPT run) or
@@ -784,6 +787,10 @@ def consolidate_checkpoint(
 
     The directory appears only when complete (written under a temporary name, then renamed). Floating tensors are
     cast to ``dtype``; integer buffers keep theirs. Tied weights are written once, under the key transformers keeps.
+
+    ``trained_only``: only the parameters that trained (the optimizer's; frozen ones and buffers are left out) go
+    into one ``trained_parameters.safetensors`` beside the config and tokenizer, keyed as in the full model: a
+    stage that trains the projector alone gives the projector weights. Such a directory is no loadable model.
     """
     start = time.perf_counter()
     out_dtype = output_dtype(dtype)
@@ -794,8 +801,14 @@ def consolidate_checkpoint(
     sources = resolve_model_sources(checkpoint, config_from, tokenizer)
     model = sources.format.meta_model(sources.config)
     entries, tied = _plan_entries(checkpoint, model, sources.format, out_dtype)
-    shards = _plan_shards(entries, shard_limit)
-    names = _shard_names(len(shards))
+    if trained_only:
+        entries = [entry for entry in entries if checkpoint.kind(entry.source) == "param"]
+        if not entries:
+            raise ConsolidationError(f"{checkpoint.describe()}: no parameter trained (all frozen)")
+        shards, names = [entries], [TRAINED_WEIGHTS_NAME]
+    else:
+        shards = _plan_shards(entries, shard_limit)
+        names = _shard_names(len(shards))
     total = sum(entry.nbytes for entry in entries)
     metadata = {
         "format": "pt",  # transformers refuses safetensors files without it

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an earlier consolidation in OUT_DIR (only the files it wrote; a directory holding anything "
         "else, or the checkpoint itself, is refused)",
     )
+    parser.add_argument(
+        "--trained-only",
+        action="store_true",
+        help="write only the parameters that trained (e.g. a vlm_align run's projector) to "
+        "OUT_DIR/trained_parameters.safetensors, with the config and tokenizer",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -149,7 +155,10 @@ def _recipe_tokenizer(train_config: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.trained_only and (args.verify or args.verify_against):
+        parser.error("--trained-only writes no loadable model: --verify needs the whole one")
     from biomedgpt.checkpoint.consolidate import consolidate_checkpoint, is_model_config, verify_consolidated
 
     out = sys.stdout
@@ -172,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tokenizer=args.tokenizer,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
+                trained_only=args.trained_only,
             )
             print(result.summary(), file=out, flush=True)
             if args.verify or args.verify_against:

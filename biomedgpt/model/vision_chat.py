@@ -238,10 +238,12 @@ def lora_adapters(config: Any) -> list[dict[str, Any]]:
     return [dict(recorded, name="default")] if isinstance(recorded, dict) else [dict(a) for a in recorded]
 
 
-def lora_targets(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+def lora_targets(model: nn.Module, exclude: tuple[str, ...] = (), include: list[str] | None = None) -> list[str]:
     """Every linear layer of the language model (LLaVA's ``find_all_linear_names``: the attention and MLP
     projections), by full module name; the output head and the projector are never adapted, nor names matching one
-    of the fnmatch patterns ``exclude``. A layer already adapted counts once (not its ``base_layer``)."""
+    of the fnmatch patterns ``exclude``. ``include`` keeps only the layers whose full or last name matches one of its
+    patterns (``q_proj``, ``*.self_attn.*``); a pattern that matches no layer is an error. A layer already adapted
+    counts once (not its ``base_layer``)."""
     import fnmatch
 
     from peft.tuners.lora import LoraLayer
@@ -254,7 +256,20 @@ def lora_targets(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
         inside_adapter = ".lora_" in name or name.endswith(".base_layer")
         if isinstance(module, LoraLayer) or (isinstance(module, nn.Linear) and not inside_adapter):
             names.append(name)
-    return names
+    if include is None:
+        return names
+
+    def matches(name: str, pattern: str) -> bool:
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
+
+    unmatched = [pattern for pattern in include if not any(matches(name, pattern) for name in names)]
+    if unmatched:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+        raise ValueError(
+            f"LoRA targets {', '.join(unmatched)} match no linear layer of the language model (its layers: "
+            f"{', '.join(leaves)})"
+        )
+    return [name for name in names if any(matches(name, pattern) for pattern in include)]
 
 
 def add_lora(

@@ -139,3 +139,25 @@ def test_qlora_is_refused_clearly_where_it_cannot_run() -> None:
     VisionChatRecipe.check_environment(load_run_config("vlm_instruct_lora_tiny", []))  # no quantize: nothing to check
     with pytest.raises(ValueError, match=r"4bit \(QLoRA\) or null"):
         LoraSection(quantize="8bit")
+
+
+def test_lora_targets_name_the_layers_to_adapt() -> None:
+    """model.lora.targets keeps only the named layers (by last or full name); a name matching none is refused with the
+    layers there are; without targets, every linear layer of the language model but the head."""
+    from biomedgpt.model.vision_chat import lora_targets
+
+    model = build_vision_chat_model(vision_chat_config(VISION, LANGUAGE, image_token_id=3000))
+    every = lora_targets(model)
+    assert len(every) == 14 and not any("lm_head" in name or "projector" in name for name in every)
+    chosen = lora_targets(model, include=["q_proj", "*.layers.1.mlp.down_proj"])
+    assert chosen == [name for name in every if name.endswith("q_proj")] + [
+        "model.language_model.layers.1.mlp.down_proj"
+    ]
+    assert lora_targets(model, exclude=("*.layers.0.*",), include=["q_proj"]) == [
+        "model.language_model.layers.1.self_attn.q_proj"
+    ]
+    with pytest.raises(ValueError, match=r"qproj match no linear layer .*\(its layers: down_proj, gate_proj"):
+        lora_targets(model, include=["q_proj", "qproj"])
+    add_lora(model, r=2, alpha=4, dropout=0.0, targets=chosen)
+    adapted = {name.split(".lora_A.")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    assert adapted == set(chosen)

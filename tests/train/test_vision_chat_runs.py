@@ -127,8 +127,19 @@ def check_alignment(run_dir: Path, stdout: str) -> None:
     assert json.loads((run_dir / "ckpt" / "config.json").read_text())["model_type"] == "llava"
 
 
-def test_alignment_trains_the_projector_alone_under_zero2(aligned: tuple[Path, str]) -> None:
+def test_alignment_trains_the_projector_alone_under_zero2(aligned: tuple[Path, str], tmp_path: Path) -> None:
+    """... and biomedgpt-consolidate --trained-only writes the projector's weights alone (LLaVA's stage-1 output)."""
+    from safetensors.torch import load_file
+
+    from biomedgpt.cli.consolidate import main as consolidate
+
     check_alignment(*aligned)
+    assert consolidate([str(aligned[0] / "ckpt"), str(tmp_path / "projector"), "--trained-only", "--no-progress"]) == 0
+    assert consolidate([str(aligned[0] / "ckpt"), str(tmp_path / "full"), "--no-progress"]) == 0
+    trained = load_file(tmp_path / "projector" / "trained_parameters.safetensors")
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    assert sorted(trained) == sorted(name for name in full if name.startswith("model.multi_modal_projector."))
+    assert len(trained) == 4 and all(torch.equal(trained[name], full[name]) for name in trained)
 
 
 def test_alignment_under_zero3_from_the_parts_directories(corpus: dict[str, Path], tmp_path: Path) -> None:

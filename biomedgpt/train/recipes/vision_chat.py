@@ -29,6 +29,7 @@ from biomedgpt.model.vision_chat import (
     build_vision_chat_model,
     image_feature_count,
     lora_parameter_patterns,
+    lora_targets,
     projector_layers,
     vision_chat_config,
 )
@@ -204,7 +205,8 @@ class VisionChatRecipe(Recipe):
         model.config.chat = {"template": self.config.data.template, "system": self.config.data.system}
         if section.lora is not None:
             lora = section.lora
-            name = add_lora(model, lora.r, lora.alpha, lora.dropout, tuple(lora.exclude))
+            targets = lora_targets(model, tuple(lora.exclude), lora.targets)
+            name = add_lora(model, lora.r, lora.alpha, lora.dropout, targets=targets)
             patterns += lora_parameter_patterns(name)
         apply_trainable(model, patterns)
         if section.gradient_checkpointing:

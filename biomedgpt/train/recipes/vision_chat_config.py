@@ -26,6 +26,8 @@ class LoraSection:
     alpha: int = 256
     dropout: float = 0.05
     exclude: list[str] = field(default_factory=list)  # module-name patterns not to adapt (the head never is)
+    # Only these layers (full or last module name patterns: [q_proj, v_proj]); None: every linear layer of the LM.
+    targets: list[str] | None = None
     # "4bit": QLoRA, the language model's frozen linear weights stored as 4-bit NormalFloat (bitsandbytes, CUDA
     # GPUs only, from model.init_from, ZeRO-2 or less), the adapters trained in bf16 on top.
     quantize: str | None = None
@@ -37,6 +39,8 @@ class LoraSection:
             raise ValueError(f"model.lora.quantize={self.quantize!r}: 4bit (QLoRA) or null")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.lora.dropout={self.dropout} must lie in [0, 1)")
+        if self.targets is not None and not self.targets:
+            raise ValueError("model.lora.targets is empty: give layer names (q_proj, v_proj, ...) or null for all")
 
 
 @dataclass
