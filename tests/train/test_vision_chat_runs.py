@@ -187,8 +187,9 @@ def test_stage_one_consolidates_for_transformers_and_feeds_the_next_stage(
     corpus: dict[str, Path], aligned: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """biomedgpt-consolidate writes what transformers' LlavaForConditionalGeneration loads, with the logits of
-    DeepSpeed's own gathering; a full fine-tune (projector and language model) under ZeRO-3 starts from it
-    (model.init_from, loaded partitioned) with the loss that model has in transformers on the same first rows."""
+    DeepSpeed's own gathering; a full fine-tune (vlm_finetune_full: projector and language model) under ZeRO-3
+    starts from it (model.init_from, loaded partitioned) with the loss that model has in transformers on the same
+    first rows."""
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     from biomedgpt.cli.consolidate import main as consolidate
@@ -204,16 +205,13 @@ def test_stage_one_consolidates_for_transformers_and_feeds_the_next_stage(
 
     stage2 = tmp_path / "stage2"
     overrides = [
-        f"data.train={corpus['align']}", "data.tokenizer=null", f"checkpoint.dir={stage2 / 'ckpt'}",
-        "model.vision_config=null", "model.language_config=null", f"model.init_from={model_dir}",
-        "model.trainable=[model.multi_modal_projector.*,model.language_model.*,lm_head.*]",
-        "deepspeed_config=zero3_cpu.json", "optim.max_steps=1", "batch.micro_batch_size=2",
-        "tracking.system_metrics=false", "data.shuffle=false",
+        f"data.train={corpus['align']}", f"checkpoint.dir={stage2 / 'ckpt'}", f"model.init_from={model_dir}",
+        "optim.max_steps=1", "batch.micro_batch_size=2", "tracking.system_metrics=false", "data.shuffle=false",
     ]  # fmt: skip
-    run_training(stage2, "vlm_align_tiny", overrides, nproc=2)
+    run_training(stage2, "vlm_finetune_full_tiny", overrides, nproc=2)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    builder = ChatExampleBuilder(tokenizer, AutoImageProcessor.from_pretrained(model_dir), "plain",
-                                 image_feature_count(model.config), max_length=64)  # fmt: skip
+    builder = ChatExampleBuilder(tokenizer, AutoImageProcessor.from_pretrained(model_dir), "llama2",
+                                 image_feature_count(model.config), max_length=96)  # fmt: skip
     rows = [builder(row) for row in iter_rows(corpus["align"], limit=8)]  # the first global batch (no shuffle)
     with torch.no_grad():
         out = VisionChatForTraining(model, chunk_size=64)(**VisionChatCollator(tokenizer.eos_token_id)(rows))
