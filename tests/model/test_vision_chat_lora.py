@@ -141,6 +141,41 @@ def test_qlora_is_refused_clearly_where_it_cannot_run() -> None:
         LoraSection(quantize="8bit")
 
 
+def test_qlora_loads_the_language_model_in_4bit_and_trains_adapters_on_it(stage2: tuple[Path, torch.Tensor]) -> None:
+    """model.lora.quantize=4bit from a merged stage-2 model: every linear layer of the language model is stored as
+    bitsandbytes' 4-bit NF4 (the tower, projector and head are not), LoRA adapters go on those layers, and a backward
+    pass reaches only the adapters and the projector. bitsandbytes quantizes on CPU too, which this runs on; the
+    training job itself is for CUDA (refused here, above)."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+    from transformers import LlavaConfig
+
+    from biomedgpt.cli.merge_lora import main as merge
+    from biomedgpt.model.vision_chat import lora_parameter_patterns, lora_targets
+
+    merged = stage2[0].parent / "merged_for_qlora"
+    if not merged.exists():
+        assert merge([str(stage2[0]), str(merged)]) == 0
+    config = LlavaConfig.from_pretrained(merged)
+    config.text_config._attn_implementation = "sdpa"
+    model = VisionChatRecipe._load_previous_stage(str(merged), config, ZERO2, "merge", quantize="4bit")
+    quantized = {name for name, module in model.named_modules() if isinstance(module, Linear4bit)}
+    assert quantized == set(lora_targets(model)) and len(quantized) == 14
+    assert all(model.get_parameter(f"{name}.weight").dtype == torch.uint8 for name in quantized)  # packed 4-bit
+    assert not any("vision_tower" in n or "projector" in n or "lm_head" in n for n in quantized)
+    name = add_lora(model, r=4, alpha=8, dropout=0.0)
+    apply_trainable(model, ["model.multi_modal_projector.*", *lora_parameter_patterns(name)])
+    with torch.no_grad():
+        full = VisionChatRecipe._load_previous_stage(str(merged), config, ZERO2, "merge").eval()
+        reference = full(**batch(config)).logits
+    logits = model(**batch(config)).logits.float()
+    assert (logits - reference).abs().max() < 0.5  # 4-bit weights and bf16 compute: close, not equal
+    logits.sum().backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert reached and all(".lora_" in n or ".multi_modal_projector." in n for n in reached)
+    assert any(".lora_A." in n for n in reached) and any(".multi_modal_projector." in n for n in reached)
+
+
 def test_lora_targets_name_the_layers_to_adapt() -> None:
     """model.lora.targets keeps only the named layers (by last or full name); a name matching none is refused with the
     layers there are; without targets, every linear layer of the language model but the head."""

@@ -127,7 +127,9 @@ class VisionChatRecipe(Recipe):
                 "this machine has none; train LoRA on full-precision weights here (drop model.lora.quantize)"
             )
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(f"model.lora.quantize={lora.quantize} needs bitsandbytes: pip install bitsandbytes")
+            raise ValueError(
+                f"model.lora.quantize={lora.quantize} needs bitsandbytes: pip install -e '.[qlora]' (or bitsandbytes)"
+            )
 
     def build_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -245,7 +247,8 @@ class VisionChatRecipe(Recipe):
                 bnb_4bit_compute_dtype=torch.bfloat16,
                 llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
             )  # fmt: skip
-            extra["device_map"] = {"": torch.cuda.current_device()}
+            # CUDA when training (check_environment); bitsandbytes also quantizes on CPU, where it is tested.
+            extra["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
         model, info = load_vision_chat_model(
             directory, attn_implementation=config.text_config._attn_implementation, **extra
         )
