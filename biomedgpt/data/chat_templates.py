@@ -53,6 +53,10 @@ TEMPLATE_MARKERS = {
 }
 
 
+# The text that ends an assistant reply, per template (generation stops there); None: the tokenizer's EOS.
+REPLY_END = {"plain": "\n", "llama2": None, "llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+
+
 class ChatTemplateError(ValueError):
     """A conversation or tokenizer the template cannot encode (the message says which and why)."""
 

@@ -26,12 +26,10 @@ from typing import Any
 
 import torch
 
-from biomedgpt.data.chat_templates import IMAGE_PLACEHOLDER, Turn, render_chat
+from biomedgpt.data.chat_templates import IMAGE_PLACEHOLDER, REPLY_END, Turn, render_chat
 
 __all__ = ["ChatAnswerer", "ChatQuestion", "chat_questions", "evaluate_vqa_dialogue"]
 
-# The token that ends a reply, per template (plain: the caption's newline).
-END_OF_REPLY = {"plain": "\n", "llama2": None, "llama3": "<|eot_id|>", "chatml": "<|im_end|>"}  # None: EOS
 
 
 @dataclass
@@ -77,7 +75,7 @@ class ChatAnswerer:
         self.beam, self.max_new_tokens = beam, max_new_tokens
         self.image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         self.image_features = image_feature_count(self.model.config)
-        marker = END_OF_REPLY[self.template]
+        marker = REPLY_END[self.template]
         if marker is None:
             self.end_ids = [self.tokenizer.eos_token_id]
         else:

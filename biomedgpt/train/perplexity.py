@@ -21,7 +21,7 @@ from biomedgpt.data.parquet_shards import iter_rows
 from biomedgpt.data.token_stream import token_row
 from biomedgpt.runtime.collectives import all_reduce
 
-__all__ = ["PerplexityValidator"]
+__all__ = ["PerplexityValidator", "perplexity_validator"]
 
 
 class PerplexityValidator:
@@ -98,3 +98,33 @@ class PerplexityValidator:
             self.best_value, self.best_step = metrics[self.metric], step
         self.last_step = step
         return metrics
+
+
+def perplexity_validator(
+    settings: Any,
+    *,
+    collator: Callable[[list[Any]], dict[str, torch.Tensor]],
+    model_inputs: Callable[[dict[str, torch.Tensor], torch.device], dict[str, torch.Tensor]],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    example: Callable[[dict[str, Any]], Any] = token_row,
+) -> PerplexityValidator | None:
+    """The validator a recipe's run settings ask for (their ``validation`` section and ``optim.max_steps``), or None
+    when ``validation.data`` is not set."""
+    section = settings.validation
+    if not section.data:
+        return None
+    return PerplexityValidator(
+        section.data,
+        every_steps=section.every_steps,
+        max_steps=settings.optim.max_steps,
+        batch_size=section.batch_size,
+        collator=collator,
+        model_inputs=model_inputs,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        limit=section.limit,
+        example=example,
+    )

@@ -166,23 +166,12 @@ class CausalLMRecipe(Recipe):
         self.tokenizer.save_pretrained(checkpoint_dir / TOKENIZER_DIR)
 
     def build_validator(self, rank: int, world_size: int, device: torch.device) -> Any | None:
-        from biomedgpt.train.perplexity import PerplexityValidator
+        from biomedgpt.train.perplexity import perplexity_validator
 
-        section = self.config.validation
-        if not section.data:
-            return None
-        return PerplexityValidator(
-            section.data,
-            every_steps=section.every_steps,
-            max_steps=self.config.optim.max_steps,
-            batch_size=section.batch_size,
-            collator=self.collator(),
-            model_inputs=model_inputs,
-            rank=rank,
-            world_size=world_size,
+        return perplexity_validator(
+            self.config, collator=self.collator(), model_inputs=model_inputs, rank=rank, world_size=world_size,
             device=device,
-            limit=section.limit,
-        )
+        )  # fmt: skip
 
     def collator(self) -> TokenCollator:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

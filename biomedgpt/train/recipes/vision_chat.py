@@ -325,24 +325,12 @@ class VisionChatRecipe(Recipe):
 
     def build_validator(self, rank: int, world_size: int, device: torch.device) -> Any | None:
         """Perplexity of the assistant's tokens on held-out conversation shards (``validation.data``)."""
-        from biomedgpt.train.perplexity import PerplexityValidator
+        from biomedgpt.train.perplexity import perplexity_validator
 
-        section = self.config.validation
-        if not section.data:
-            return None
-        return PerplexityValidator(
-            section.data,
-            every_steps=section.every_steps,
-            max_steps=self.config.optim.max_steps,
-            batch_size=section.batch_size,
-            collator=self.collator(),
-            model_inputs=self.model_inputs,
-            rank=rank,
-            world_size=world_size,
-            device=device,
-            limit=section.limit,
-            example=self.example_builder(),
-        )
+        return perplexity_validator(
+            self.config, collator=self.collator(), model_inputs=self.model_inputs, rank=rank, world_size=world_size,
+            device=device, example=self.example_builder(),
+        )  # fmt: skip
 
     def target_tokens(self, batch: Any, completed_steps: int) -> int:
         return int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
