@@ -31,7 +31,6 @@ from biomedgpt.data.chat_templates import IMAGE_PLACEHOLDER, REPLY_END, Turn, re
 __all__ = ["ChatAnswerer", "ChatQuestion", "chat_questions", "evaluate_vqa_dialogue"]
 
 
-
 @dataclass
 class ChatQuestion:
     id: str

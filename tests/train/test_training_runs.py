@@ -136,7 +136,6 @@ def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
     assert compare_main([*compare_args, "--metrics", "loss", "lr", "--assert-equal", "--rtol", "1e-5"]) == 0
 
 
-
 def start_stoppable_job(data_root: Path, run_dir: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """A 40-step job without periodic checkpoints, past its second step: torchrun and its two ranks."""
     run_dir.mkdir()
