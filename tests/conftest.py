@@ -1,5 +1,13 @@
 import pytest
 
+from biomedgpt.runtime.build_tools import prefer_environment_ninja
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every DeepSpeed op build of the suite (in process, under torchrun, under SLURM, whose templates put the
+    # environment's bin first) uses the same ninja, so none rebuilds what another built: see runtime.build_tools.
+    prefer_environment_ninja()
+
 
 @pytest.fixture
 def free_port() -> int:

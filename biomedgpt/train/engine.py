@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from biomedgpt.runtime.build_tools import prefer_environment_ninja
 from biomedgpt.runtime.launcher_env import DistributedEnv, apply_distributed_env
 from biomedgpt.train.config import TrainConfig, deepspeed_config_path
 
@@ -40,6 +41,7 @@ def init_distributed(timeout_minutes: float | None = None) -> DistributedContext
     ``timeout_minutes`` bounds how long a collective waits for the slowest rank (None: DeepSpeed's default).
     """
     env: DistributedEnv = apply_distributed_env()
+    prefer_environment_ninja()  # before DeepSpeed builds or loads its ops: see runtime.build_tools
     import deepspeed
 
     use_cuda = torch.cuda.is_available()
