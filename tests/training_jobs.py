@@ -29,6 +29,14 @@ SMALL = [
 DETERMINISTIC = ["model.dropout=0.0", "model.encoder_drop_path_rate=0.0", "model.decoder_drop_path_rate=0.0"]
 
 
+def demo_run_overrides(data_root: Path, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
+    """The demo preset on the demo data under ``data_root``, ``steps`` steps, checkpoints in ``run_dir``/ckpt,
+    small-run settings, then ``extra``."""
+    from biomedgpt.demo import demo_overrides
+
+    return demo_overrides(data_root, steps) + [f"checkpoint.dir={run_dir / 'ckpt'}", *SMALL, *extra]
+
+
 def environment(run_dir: Path, store: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     uri = f"sqlite:///{store or run_dir / 'mlruns.db'}"
@@ -100,18 +108,29 @@ def training_ranks(launcher_pid: int) -> list[psutil.Process]:
 
 
 def kill_job_after_step(
-    command: list[str], run_dir: Path, step: int, store: Path | None = None, nproc: int = 2, poll: float = 0.5
+    command: list[str],
+    run_dir: Path,
+    step: int,
+    store: Path | None = None,
+    nproc: int = 2,
+    poll: float = 0.5,
+    saved: bool = False,
 ) -> None:
-    """Start a job of ``nproc`` ranks (``command``) in a new ``run_dir`` and, once it has logged ``step``, crash it:
-    the launcher and every rank at once, no chance to save. torchrun starts each rank in a session (and process
-    group) of its own, so each group is killed whole: a rank's Python resource tracker, left alive, would unlink the
-    rank's shared memory as a crash does not."""
+    """Start a job of ``nproc`` ranks (``command``) in a new ``run_dir`` and, once it has logged ``step`` (and, with
+    ``saved``, once that step's checkpoint is complete), crash it: the launcher and every rank at once, no chance to
+    save. torchrun starts each rank in a session (and process group) of its own, so each group is killed whole: a
+    rank's Python resource tracker, left alive, would unlink the rank's shared memory as a crash does not."""
     run_dir.mkdir()
     proc = subprocess.Popen(
         command, env=environment(run_dir, store), cwd=run_dir,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     wait_for_step(run_dir, step, proc, poll=poll)
+    latest = run_dir / "ckpt" / "latest"
+    while saved and not (latest.is_file() and latest.read_text() == f"step_{step:08d}"):
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (code {proc.returncode}) before its step-{step} checkpoint")
+        time.sleep(poll)
     ranks = training_ranks(proc.pid)
     assert len(ranks) == nproc
     job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]

@@ -1,7 +1,7 @@
 """Real 2-rank ZeRO-3 jobs (torchrun, gloo, streamed demo data, MLflow) for the memory switches and bf16 on CPU:
 
-- ``model.activation_checkpointing`` and ``optim.fused_loss`` give the plain job's losses and gradient norms, step by
-  step, with dropout and drop-path on;
+- ``model.activation_checkpointing`` and ``optim.fused_loss``, switched on together, give the plain job's losses and
+  gradient norms, step by step, with dropout and drop-path on;
 - ``precision=bf16`` trains on DeepSpeed's CPU accelerator, continues exactly after a SIGKILL, and its checkpoint
   consolidates to the fp32 master weights, bit-equal to DeepSpeed's ``zero_to_fp32``.
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_runs import crash_after_step, data_root, demo_run_overrides  # noqa: F401
-from training_jobs import losses, metric_records, mlflow_runs, run_training
+from test_training_runs import crash_after_step
+from training_jobs import demo_run_overrides, losses, metric_records, mlflow_runs, run_training
 
 pytestmark = pytest.mark.slow
 
 
-def run(data_root: Path, run_dir: Path, steps: int, extra: list[str], store: Path | None = None):  # noqa: F811
+def run(data_root: Path, run_dir: Path, steps: int, extra: list[str], store: Path | None = None):
     return run_training(run_dir, "demo", demo_run_overrides(data_root, run_dir, steps, extra), 2, store)
 
 
@@ -29,13 +29,17 @@ def step_records(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def switch_jobs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, dict]]:  # noqa: F811
-    """3 steps each of the plain job, the fused-loss job and the checkpointed job: metrics by step, and the store.
+def switch_jobs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, dict]]:
+    """3 steps each of the plain job and of the job with both switches on (the fused loss and activation
+    checkpointing of the layers and the ResNet): metrics by step, and the store. Each switch alone is compared
+    with the plain model exactly, in one process, by test_fused_loss_training.py and
+    test_activation_checkpointing.py; here they go through the config into a real 2-rank job, together, which
+    costs one job less than a job each and still fails when either changes a loss or a gradient.
 
     Label smoothing on and a chunk smaller than a micro-batch's target tokens, so every part of the fused path
     runs; neither switch draws random numbers, so dropout and drop-path stay on and must still agree.
 
-    The ResNet's BatchNorm is frozen in all three: with batch statistics, BatchNorm and Adam's first steps turn
+    The ResNet's BatchNorm is frozen in both: with batch statistics, BatchNorm and Adam's first steps turn
     rounding-level differences into percent-level gradient differences by step 2. Measured with 2-rank ZeRO-3 on a
     small model: the plain loss on ``logits * 3 / 3`` moves step 2's gradient norm by 0.017% (the fused loss,
     summing in another order, by 0.006%), while with frozen BatchNorm the fused job's norms agree to 1e-7 at every
@@ -45,9 +49,10 @@ def switch_jobs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     store = root / "mlruns.db"
     variants = {
         "plain": [],
-        "fused": ["optim.fused_loss=true", "optim.fused_loss_chunk_size=16"],
-        "checkpointed": ["model.activation_checkpointing=layers+resnet"],
-    }
+        "switched": [
+            "optim.fused_loss=true", "optim.fused_loss_chunk_size=16", "model.activation_checkpointing=layers+resnet",
+        ],
+    }  # fmt: skip
     records: dict = {"store": store}
     for name, extra in variants.items():
         run(data_root, root / name, 3, ["optim.label_smoothing=0.1", "model.resnet_norm=frozen", *extra], store)
@@ -66,15 +71,11 @@ def assert_same_steps(records: dict, name: str, metrics: tuple[str, ...]) -> Non
             )  # fmt: skip
 
 
-def test_activation_checkpointing_matches_the_plain_job(switch_jobs: dict) -> None:
-    assert_same_steps(switch_jobs, "checkpointed", ("loss", "objective", "grad_norm"))
+def test_fused_loss_and_activation_checkpointing_match_the_plain_job(switch_jobs: dict) -> None:
+    assert_same_steps(switch_jobs, "switched", ("loss", "objective", "grad_norm"))
     params = [run.data.params for run in mlflow_runs(switch_jobs["store"], "biomedgpt-demo")]
-    assert sorted(p["config.model.activation_checkpointing"] for p in params) == ["layers+resnet", "none", "none"]
-    assert sorted(p["config.optim.fused_loss"] for p in params) == ["False", "False", "True"]
-
-
-def test_fused_loss_matches_the_plain_job(switch_jobs: dict) -> None:
-    assert_same_steps(switch_jobs, "fused", ("loss", "objective", "grad_norm"))
+    assert sorted(p["config.model.activation_checkpointing"] for p in params) == ["layers+resnet", "none"]
+    assert sorted(p["config.optim.fused_loss"] for p in params) == ["False", "True"]
 
 
 # Smaller images than the demo's: bf16 convolutions are slow on CPU (no vectorised bf16 kernels on this machine).
@@ -85,7 +86,7 @@ BF16 = [
 
 
 @pytest.fixture(scope="module")
-def bf16_job(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:  # noqa: F811
+def bf16_job(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("bf16") / "reference"
     return run_dir, run(data_root, run_dir, 4, BF16)
 
@@ -123,7 +124,7 @@ def test_bf16_zero3_on_cpu_trains_and_consolidates_the_fp32_master(bf16_job, tmp
     assert off_the_bf16_grid > len(deepspeed_state) // 2, off_the_bf16_grid
 
 
-def test_bf16_zero3_on_cpu_resumes_after_sigkill(bf16_job, data_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bf16_zero3_on_cpu_resumes_after_sigkill(bf16_job, data_root: Path, tmp_path: Path) -> None:
     reference_dir, _ = bf16_job
     killed_dir = tmp_path / "killed"
     crash_after_step(3, data_root, killed_dir, 4, BF16)  # as in test_training_runs, the same command again

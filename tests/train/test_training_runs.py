@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from training_jobs import (
     DETERMINISTIC,
     SMALL,
+    demo_run_overrides,
     environment,
     kill_job_after_step,
     losses,
@@ -30,14 +31,10 @@ from training_jobs import (
     wait_for_step,
 )
 
-from biomedgpt.demo import demo_overrides, prepare_demo_data
+from biomedgpt.demo import demo_overrides
 from biomedgpt.train.cli import free_local_port, torchrun_command
 
 pytestmark = pytest.mark.slow
-
-
-def demo_run_overrides(data_root: Path, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
-    return demo_overrides(data_root, steps) + [f"checkpoint.dir={run_dir / 'ckpt'}", *SMALL, *extra]
 
 
 def command(data_root: Path, run_dir: Path, nproc: int, steps: int, extra: list[str]) -> list[str]:
@@ -50,18 +47,18 @@ def run(
     return run_training(run_dir, "demo", demo_run_overrides(data_root, run_dir, steps, list(extra)), nproc, store)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train_data")
-    prepare_demo_data(root, rows=16, image_size=64)
-    return root
-
-
 def crash_after_step(
-    step: int, data_root: Path, run_dir: Path, steps: int, extra: list[str], store: Path | None = None
+    step: int,
+    data_root: Path,
+    run_dir: Path,
+    steps: int,
+    extra: list[str],
+    store: Path | None = None,
+    saved: bool = False,
 ) -> None:
-    """The demo job of ``command``, killed with SIGKILL once it has logged ``step`` (see training_jobs)."""
-    kill_job_after_step(command(data_root, run_dir, 2, steps, extra), run_dir, step, store, poll=0.05)
+    """The demo job of ``command``, killed with SIGKILL once it has logged ``step`` (with ``saved``: and completed
+    that step's checkpoint); see training_jobs."""
+    kill_job_after_step(command(data_root, run_dir, 2, steps, extra), run_dir, step, store, poll=0.05, saved=saved)
 
 
 def runs_of(run_dir: Path, store: Path | None = None) -> list:
@@ -69,13 +66,13 @@ def runs_of(run_dir: Path, store: Path | None = None) -> list:
 
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(data_root, tmp_path):
-    """The same global batch of 8 rows split three ways: 2 ranks x 1 micro-batch of 4, 2 ranks x 2 of 2 and 1 rank x
-    4 of 2. Losses and gradient norms per step must agree: a loss normalised per micro-batch instead of over the
-    global batch, or gradients summed instead of averaged across ranks, changes them (the gradient norm shows a
-    constant factor that AdamW and clipping would hide from the losses)."""
+    """The same global batch of 8 rows split two ways: 2 ranks x 1 micro-batch of 4 and 1 rank x 4 micro-batches of
+    2. Losses and gradient norms per step must agree: a loss normalised per micro-batch instead of over the global
+    batch (1 against 4 micro-batches per rank), or gradients summed instead of averaged across ranks (2 against 1),
+    changes them (the gradient norm shows a constant factor that AdamW and clipping would hide from the losses)."""
     # Dropout and drop-path off, ResNet BatchNorm frozen: the only difference is how the batch is split.
     extra = [*DETERMINISTIC, "model.resnet_norm=frozen", "batch.global_batch_size=8"]
-    splits = {"2x4": (2, 4), "2x2x2": (2, 2), "1x2x4": (1, 2)}
+    splits = {"2x4": (2, 4), "1x2x4": (1, 2)}
     records = {}
     for name, (nproc, micro) in splits.items():
         run(data_root, tmp_path / name, nproc=nproc, steps=3, extra=[*extra, f"batch.micro_batch_size={micro}"])
@@ -90,44 +87,44 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(data_root, tmp_path
     assert reference[1]["loss"] != reference[2]["loss"]  # the steps saw different batches
 
 
-def test_sigkill_then_same_command_continues_exactly(data_root, tmp_path):
-    """Killed after step 5 (checkpoints at steps 2 and 4), the newest checkpoint then damaged: the same command warns,
-    resumes from the previous one, frees the killed job's shared memory and gives the uninterrupted job's losses,
-    in the killed job's MLflow run. (Resuming from the newest checkpoint itself: the other recipes' SIGKILL tests.)"""
+def test_sigkill_then_same_command_continues_exactly(data_root, demo_reference, tmp_path):
+    """Killed after step 3 (checkpoints at steps 1, 2 and 3), the newest checkpoint then damaged: the same command
+    warns, resumes from the previous one, frees the killed job's shared memory and gives the uninterrupted job's
+    losses (the session's reference job), in the killed job's MLflow run. (Resuming from the newest checkpoint
+    itself: the two-node test and the other recipes' SIGKILL tests.)"""
     from biomedgpt.cli.compare import main as compare_main
 
-    reference_dir, killed_dir, store = tmp_path / "reference", tmp_path / "killed", tmp_path / "mlruns.db"
-    extra = ["checkpoint.every_steps=2"]
-    run(data_root, reference_dir, nproc=2, steps=6, extra=extra, store=store)
-    reference_run = runs_of(reference_dir, store)[0].info.run_id
-
-    crash_after_step(5, data_root, killed_dir, 6, extra, store)
-    assert max(losses(killed_dir)) == 5  # killed before step 6 (about 2 s each here) could end the job
+    killed_dir, store, steps = tmp_path / "killed", demo_reference.store, demo_reference.steps
+    reference_run = runs_of(demo_reference.run_dir, store)[0].info.run_id
+    # A checkpoint every step (the reference saves every 2: saving draws no random numbers and moves no data).
+    extra = [*demo_reference.extra, "checkpoint.every_steps=1"]
+    crash_after_step(3, data_root, killed_dir, steps, extra, store, saved=True)
+    assert max(losses(killed_dir)) == 3  # killed before step 4 (about 2 s here) could end the job
     newest = (killed_dir / "ckpt" / "latest").read_text()
-    assert newest == "step_00000004", newest
+    assert newest == "step_00000003", newest
     states = sorted((killed_dir / "ckpt" / newest).glob("*optim_states.pt"))[0]
     states.write_bytes(states.read_bytes()[:100])
-    resumed = run(data_root, killed_dir, nproc=2, steps=6, extra=extra, store=store)
+    resumed = run(data_root, killed_dir, nproc=2, steps=steps, extra=extra, store=store)
     assert "could not be loaded" in resumed.stderr and "trying the previous one" in resumed.stderr
     assert re.search(r"resuming from .* at step 2", resumed.stdout), resumed.stdout[-3000:]
     # The killed job left its streaming blocks in /dev/shm (nobody unlinks them); the restart freed them.
     assert re.search(r"freed \d+ shared-memory blocks that killed runs left", resumed.stdout), resumed.stdout[-3000:]
 
-    reference, continued = losses(reference_dir), losses(killed_dir)
-    assert sorted(continued) == [1, 2, 3, 4, 5, 6]
-    for step in range(1, 7):  # dropout is on: equality needs the restored data position, optimizer and seeds
+    reference, continued = demo_reference.losses, losses(killed_dir)
+    assert sorted(continued) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):  # dropout is on: equality needs the restored data position, optimizer and seeds
         assert continued[step] == pytest.approx(reference[step], rel=1e-5), (step, reference, continued)
 
     runs = runs_of(killed_dir, store)
     killed_run = next(r for r in runs if r.info.run_id != reference_run)
     assert len(runs) == 2  # one per job: the restart continued the killed job's MLflow run
     assert killed_run.info.status == "FINISHED"
-    assert killed_run.data.params["config.optim.max_steps"] == "6"
+    assert killed_run.data.params["config.optim.max_steps"] == str(steps)
     assert killed_run.data.params["world_size"] == "2"
     assert "versions.deepspeed" in killed_run.data.params and "git.commit" in killed_run.data.params
     assert killed_run.data.tags["size"] == "tiny" and killed_run.data.tags["task"] == "pretrain"
     history = MlflowClient(f"sqlite:///{store}").get_metric_history(killed_run.info.run_id, "loss")
-    assert {m.step for m in history} == {1, 2, 3, 4, 5, 6}
+    assert {m.step for m in history} == set(range(1, steps + 1))
     for name in ("lr", "grad_norm", "samples_per_second", "tokens_per_second", "data_wait", "step_time"):
         assert name in killed_run.data.metrics, name
     assert any(key.startswith("loss/") for key in killed_run.data.metrics)
