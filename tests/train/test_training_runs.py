@@ -19,7 +19,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from training_jobs import (
     DETERMINISTIC,
-    SMALL,
     demo_run_overrides,
     environment,
     kill_job_after_step,
@@ -31,7 +30,6 @@ from training_jobs import (
     wait_for_step,
 )
 
-from biomedgpt.demo import demo_overrides
 from biomedgpt.train.cli import free_local_port, torchrun_command
 
 pytestmark = pytest.mark.slow
@@ -156,7 +154,10 @@ def assert_stopped_with_a_checkpoint(run_dir: Path, output: str) -> int:
     return stopped_at
 
 
-def test_sigterm_saves_exits_zero_and_the_next_start_resumes(data_root, tmp_path):
+def test_sigterm_saves_exits_zero_and_the_deepspeed_launcher_resumes(data_root, tmp_path):
+    """SIGTERM to one rank: the ranks agree on a step, save, mark the run KILLED and exit 0. The next start goes
+    through the deepspeed launcher (the same entry point; it exports LOCAL_SIZE, not LOCAL_WORLD_SIZE, which the
+    entry point maps for streaming) and resumes the same MLflow run."""
     run_dir = tmp_path / "preempted"
     proc, ranks = start_stoppable_job(data_root, run_dir)
     ranks[-1].send_signal(signal.SIGTERM)  # one rank only: the ranks must agree among themselves
@@ -164,9 +165,16 @@ def test_sigterm_saves_exits_zero_and_the_next_start_resumes(data_root, tmp_path
     assert proc.returncode == 0, output[-4000:]
     stopped_at = assert_stopped_with_a_checkpoint(run_dir, output)
 
-    resumed = run(data_root, run_dir, nproc=2, steps=stopped_at + 2)
+    overrides = demo_run_overrides(data_root, run_dir, stopped_at + 2, [])
+    launcher = Path(sys.executable).parent / "deepspeed"
+    resumed = subprocess.run(
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_local_port()), "--module", "biomedgpt.train",
+         "--config", "demo", *overrides],
+        env=environment(run_dir), cwd=run_dir, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"at step {stopped_at}" in resumed.stdout
-    assert max(losses(run_dir)) == stopped_at + 2
+    assert sorted(losses(run_dir)) == list(range(1, stopped_at + 3))
     runs = runs_of(run_dir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
@@ -180,19 +188,3 @@ def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(data_root, tmp_pat
     assert not alive, output[-4000:]
     assert f"the launcher (pid {proc.pid}) has exited" in output, output[-4000:]
     assert_stopped_with_a_checkpoint(run_dir, output)
-
-
-def test_deepspeed_launcher_runs_the_same_entry_point(data_root, tmp_path):
-    # The deepspeed launcher exports LOCAL_SIZE, not LOCAL_WORLD_SIZE; the entry point maps it for streaming.
-    run_dir = tmp_path / "deepspeed_launcher"
-    run_dir.mkdir()
-    overrides = demo_overrides(data_root, 2) + [f"checkpoint.dir={run_dir / 'ckpt'}", *SMALL]
-    launcher = Path(sys.executable).parent / "deepspeed"
-    proc = subprocess.run(
-        [str(launcher), "--num_gpus", "2", "--master_port", str(free_local_port()), "--module", "biomedgpt.train",
-         "--config", "demo", *overrides],
-        env=environment(run_dir), cwd=run_dir, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(losses(run_dir)) == [1, 2]
-    assert runs_of(run_dir)[0].data.params["world_size"] == "2"
