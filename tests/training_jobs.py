@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 from mlflow.tracking import MlflowClient
 
+from biomedgpt.checkpoint.layout import LATEST_FILE, tag_for_step
 from biomedgpt.train.cli import free_local_port, torchrun_command
 
 # Tiny images, few patches and 4-row steps keep a 2-rank CPU job to seconds per step.
@@ -126,8 +127,8 @@ def kill_job_after_step(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     wait_for_step(run_dir, step, proc, poll=poll)
-    latest = run_dir / "ckpt" / "latest"
-    while saved and not (latest.is_file() and latest.read_text() == f"step_{step:08d}"):
+    latest = run_dir / "ckpt" / LATEST_FILE
+    while saved and not (latest.is_file() and latest.read_text() == tag_for_step(step)):
         if proc.poll() is not None:
             raise AssertionError(f"training ended (code {proc.returncode}) before its step-{step} checkpoint")
         time.sleep(poll)
