@@ -159,9 +159,9 @@ start_munge() {
     fi
     log "starting munged"
     if [[ $owner == munge ]]; then
-        runuser -u munge -- munged --force || die "munged did not start (see /var/log/munge/munged.log)"
+        runuser -u munge -- munged --force 9>&- || die "munged did not start (see /var/log/munge/munged.log)"
     else
-        munged --force || die "munged did not start (see /var/log/munge/munged.log)"
+        munged --force 9>&- || die "munged did not start (see /var/log/munge/munged.log)"
     fi
     for _ in $(seq 20); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return
@@ -187,7 +187,7 @@ start_virtual_slurmds() {
         mkdir -p "$VIRTUAL_STATE/$name"/{run,spool,log}
         log "starting slurmd on virtual node $name (log $VIRTUAL_STATE/$name/log/slurmd.log)"
         VIRTUAL_NODE_BINDS="$VIRTUAL_STATE/%n/run:$RUN_DIR $VIRTUAL_STATE/%n/spool:$STATE_DIR/slurmd $VIRTUAL_STATE/%n/log:$LOG_DIR" \
-            bash "$VIRTUAL_NODES_SCRIPT" exec "$name" slurmd ||
+            bash "$VIRTUAL_NODES_SCRIPT" exec "$name" slurmd 9>&- ||
             die "slurmd did not start on virtual node $name; see $VIRTUAL_STATE/$name/log/slurmd.log"
     done
 }
@@ -202,11 +202,11 @@ start_slurm() {
     fi
     if ! pid_alive "$RUN_DIR/slurmctld.pid"; then
         log "starting slurmctld (log $LOG_DIR/slurmctld.log)"
-        slurmctld || die "slurmctld did not start; see $LOG_DIR/slurmctld.log"
+        slurmctld 9>&- || die "slurmctld did not start; see $LOG_DIR/slurmctld.log"
     fi
     if ! pid_alive "$RUN_DIR/slurmd.pid"; then
         log "starting slurmd (log $LOG_DIR/slurmd.log)"
-        slurmd || die "slurmd did not start; see $LOG_DIR/slurmd.log"
+        slurmd 9>&- || die "slurmd did not start; see $LOG_DIR/slurmd.log"
     fi
     start_virtual_slurmds
 }
@@ -271,9 +271,19 @@ cmd_stop() {
     fi
 }
 
+with_lock() {
+    # Callers running at once (parallel test workers, two shells) take turns: the second finds the cluster up.
+    # The daemons started under the lock get fd 9 closed (9>&-), or they would hold the lock for good.
+    need_root
+    mkdir -p "$RUN_DIR"
+    exec 9>"$RUN_DIR/slurm_localhost.lock"
+    flock 9
+    "$@"
+}
+
 case ${1:-start} in
-start) cmd_start ;;
-stop) cmd_stop ;;
+start) with_lock cmd_start ;;
+stop) with_lock cmd_stop ;;
 status) sinfo ;;
 -h | --help | help) sed -n '2,15p' "$0" ;;
 *) die "unknown command '$1' (start, stop, status)" ;;

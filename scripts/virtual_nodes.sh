@@ -137,10 +137,19 @@ cmd_down() {
     rm -rf "$STATE"
 }
 
+with_lock() {
+    # up and down rewrite $STATE/nodes and the hosts file: callers running at once (parallel test workers) take
+    # turns. The lock lives beside $STATE, which `down` removes.
+    need_root
+    exec 9>"$STATE.lock"
+    flock 9
+    "$@"
+}
+
 case ${1:-} in
-up) shift && cmd_up "$@" ;;
+up) shift && with_lock cmd_up "$@" ;;
 exec) shift && cmd_exec "$@" ;;
-down) shift && cmd_down "$@" ;;
+down) shift && with_lock cmd_down "$@" ;;
 list) [[ -f $STATE/nodes ]] && cat "$STATE/nodes" ;;
 *) sed -n '2,18p' "$0" && exit 2 ;;
 esac

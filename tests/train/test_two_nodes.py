@@ -53,7 +53,7 @@ def virtual_nodes() -> tuple[str, ...]:
             pytest.fail(why)
         pytest.skip(why)
     yield NODES
-    subprocess.run(["bash", str(NODES_SCRIPT), "down"], capture_output=True, timeout=60)
+    subprocess.run(["bash", str(NODES_SCRIPT), "down", *NODES], capture_output=True, timeout=60)
 
 
 def start_agents(data_root: Path, run_dir: Path, store: Path, steps: int, extra: list[str]) -> list[subprocess.Popen]:
