@@ -16,8 +16,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Two workers: a training job's two ranks leave a core idle while they import, rendezvous, build or wait, and the
+# other worker's job uses it (tests/work_units.py keeps each module on one worker). TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m biomedgpt.demo
