@@ -4,20 +4,18 @@ only the named nodes."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from machine_support import VIRTUAL_NODES_SCRIPT, unavailable, virtual_nodes_missing
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "virtual_nodes.sh"
 NAMES = [f"bgvtest{i}" for i in range(1, 5)]
 
 
 def nodes_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", str(VIRTUAL_NODES_SCRIPT), *args], capture_output=True, text=True, timeout=120)
 
 
 def listed() -> dict[str, str]:
@@ -26,11 +24,8 @@ def listed() -> dict[str, str]:
 
 @pytest.fixture
 def test_nodes():
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
-        why = "virtual nodes need root, iproute2 (ip) and util-linux (unshare)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(why)
-        pytest.skip(why)
+    if why := virtual_nodes_missing():
+        unavailable(why)
     yield NAMES
     nodes_script("down", *NAMES)
 

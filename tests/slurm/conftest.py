@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from machine_support import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_localhost.sh"
@@ -17,10 +18,6 @@ VIRTUAL_PARTITION = "virtual"
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slurm: submits jobs to a local SLURM cluster (scripts/slurm_localhost.sh)")
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +33,8 @@ def slurm_cluster() -> str:
     env = {**os.environ, "SLURM_LOCALHOST_VIRTUAL_NODES": str(len(VIRTUAL_NODES))}
     proc = subprocess.run(["bash", str(CLUSTER_SCRIPT)], capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0:
-        why = f"scripts/slurm_localhost.sh could not start SLURM: {proc.stderr.strip()[-1500:]}"
-        if in_ci():
-            # CI runs as root with apt reachable: a cluster that does not come up there is a failure, not a skip.
-            pytest.fail(why)
-        pytest.skip(why)
+        # CI runs as root with apt reachable: a cluster that does not come up there is a failure, not a skip.
+        unavailable(f"scripts/slurm_localhost.sh could not start SLURM: {proc.stderr.strip()[-1500:]}")
     partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()
     return partition[0].rstrip("*") if partition else "debug"
 
@@ -53,8 +47,5 @@ def two_node_partition(slurm_cluster: str) -> str:
     ).stdout.split("\n")
     states = dict(line.split() for line in nodes if line.strip())
     if sorted(states) != sorted(VIRTUAL_NODES) or not all(s in ("idle", "mixed") for s in states.values()):
-        why = f"partition {VIRTUAL_PARTITION} does not have the two virtual nodes idle: {states}"
-        if in_ci():
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(f"partition {VIRTUAL_PARTITION} does not have the two virtual nodes idle: {states}")
     return VIRTUAL_PARTITION

@@ -12,9 +12,7 @@ a real network's latency or loss, or NCCL (the nodes share this machine; the col
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,38 +20,25 @@ from pathlib import Path
 
 import psutil
 import pytest
+from machine_support import VIRTUAL_NODES_SCRIPT, unavailable, virtual_nodes_missing
 from training_jobs import demo_run_overrides, environment, losses, mlflow_runs
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-NODES_SCRIPT = REPO / "scripts" / "virtual_nodes.sh"
 NODES = ("bgnode1", "bgnode2")
 RENDEZVOUS_PORT = 29461
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="module")
 def virtual_nodes() -> tuple[str, ...]:
     """Two virtual hosts; skipped where they cannot be made (not root, no ``ip``), a failure under CI."""
-    why = None
-    if os.geteuid() != 0:
-        why = "virtual nodes need root (network namespaces)"
-    elif shutil.which("ip") is None or shutil.which("unshare") is None:
-        why = "virtual nodes need iproute2 (ip) and util-linux (unshare)"
-    else:
-        proc = subprocess.run(["bash", str(NODES_SCRIPT), "up", *NODES], capture_output=True, text=True, timeout=60)
-        if proc.returncode != 0:
-            why = f"scripts/virtual_nodes.sh up failed: {proc.stderr.strip()[-1500:]}"
-    if why is not None:
-        if in_ci():
-            pytest.fail(why)
-        pytest.skip(why)
+    if why := virtual_nodes_missing():
+        unavailable(why)
+    proc = subprocess.run(["bash", str(VIRTUAL_NODES_SCRIPT), "up", *NODES], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        unavailable(f"scripts/virtual_nodes.sh up failed: {proc.stderr.strip()[-1500:]}")
     yield NODES
-    subprocess.run(["bash", str(NODES_SCRIPT), "down", *NODES], capture_output=True, timeout=60)
+    subprocess.run(["bash", str(VIRTUAL_NODES_SCRIPT), "down", *NODES], capture_output=True, timeout=60)
 
 
 def start_agents(data_root: Path, run_dir: Path, store: Path, steps: int, extra: list[str]) -> list[subprocess.Popen]:
@@ -69,7 +54,7 @@ def start_agents(data_root: Path, run_dir: Path, store: Path, steps: int, extra:
         log = open(run_dir / f"{node}.log", "a")  # noqa: SIM115 - closed with the process, by the kernel
         agents.append(
             subprocess.Popen(
-                ["bash", str(NODES_SCRIPT), "exec", node, *torchrun],
+                ["bash", str(VIRTUAL_NODES_SCRIPT), "exec", node, *torchrun],
                 env=environment(run_dir, store),
                 cwd=run_dir,
                 stdout=log,
